@@ -1,0 +1,1 @@
+from fastdpo.kernels import __doc__ as k

@@ -1,0 +1,17 @@
+from setuptools import setup
+
+setup(
+    name="fastdpo",
+    version="0.1.0",
+    description="Fused, memory-lean Direct Preference Optimization losses for language models",
+    python_requires=">=3.10",
+    # kernels/ ships inside the fastdpo namespace: a PyPI package is already called `kernels`.
+    packages=["fastdpo", "fastdpo.kernels"],
+    package_dir={"fastdpo": "fastdpo", "fastdpo.kernels": "kernels"},
+    install_requires=["torch>=2.4", "triton>=3.0", "transformers>=4.45", "safetensors>=0.4"],
+    extras_require={
+        "test": ["pytest>=7", "numpy"],
+        "bench": ["matplotlib", "numpy"],
+        "gpu": ["flash-attn"],
+    },
+)
