@@ -1,1 +1,11 @@
-from fastdpo.kernels import __doc__ as k
+"""fastdpo: fused, memory-lean Direct Preference Optimization losses.
+
+    out = fastdpo.loss(hidden=h, weight=lm_head.weight, ref_hidden=ref_h, labels=labels, beta=0.1)
+    out.loss.backward()
+"""
+from .dpo import DPOOutput, loss
+from .logps import SequenceLogps, sequence_logps
+from .losses import LOSS_TYPES, preference_loss
+
+__version__ = "0.1.0"
+__all__ = ["loss", "DPOOutput", "sequence_logps", "SequenceLogps", "preference_loss", "LOSS_TYPES"]

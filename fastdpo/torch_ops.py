@@ -1,0 +1,142 @@
+"""PyTorch twin of the Triton launchers in `fastdpo.kernels`: same signatures, same semantics.
+
+It serves CPU users and is the reference the kernels are checked against. Work is chunked over rows so
+that no fp32 [N, V] tensor is ever built: peak extra memory is O(CHUNK_ELEMENTS) + O(N) (+ an fp32
+weight-gradient accumulator for the fused head). Only rows with a target are touched; rows whose
+upstream gradient is exactly 0 are skipped in backward. All math is fp32.
+"""
+import torch
+
+CHUNK_ELEMENTS = 1 << 22  # fp32 elements of one [rows, V] working tile (16 MiB)
+
+
+def _chunks(index, vocab_size):
+    rows_per_chunk = max(1, CHUNK_ELEMENTS // vocab_size)
+    return index.split(rows_per_chunk)
+
+
+def _log_sum_exp_(z):
+    """Row-wise logsumexp of fp32 z [C, V]; overwrites z with exp(z - rowmax)."""
+    row_max = z.amax(dim=1, keepdim=True)
+    shift = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    return (shift + z.sub_(shift).exp_().sum(dim=1, keepdim=True).log_()).squeeze(1)
+
+
+def _onehot_minus_softmax_(z, lse, targets, grad):
+    """In place: z [C, V] fp32 logits -> grad[:, None] * (onehot(targets) - softmax(z))."""
+    z.sub_(lse[:, None]).exp_().mul_(-grad[:, None])
+    return z.scatter_add_(1, targets[:, None], grad[:, None])
+
+
+# ----------------------------------------------------------------------------- materialised logits
+
+def row_logps_forward(logits, targets):
+    """logits [N, V], targets [N] int64 (-1 = no target) -> (target_logit, lse, logit_sum) [N] fp32."""
+    N, V = logits.shape
+    target_logit, lse, logit_sum = (torch.zeros(N, device=logits.device) for _ in range(3))
+    for rows in _chunks(torch.nonzero(targets >= 0).squeeze(1), V):
+        z = logits.index_select(0, rows).float()
+        target_logit[rows] = z.gather(1, targets[rows, None]).squeeze(1)
+        logit_sum[rows] = z.sum(dim=1)
+        lse[rows] = _log_sum_exp_(z)
+    return target_logit, lse, logit_sum
+
+
+def row_logps_backward(logits, targets, lse, grad_rows, out=None):
+    """grad_logits [N, V] (logits dtype) = grad_rows * (onehot(targets) - softmax(logits)); 0 elsewhere.
+
+    `out` may be `logits` itself: each row is read before it is overwritten.
+    """
+    N, V = logits.shape
+    active = (targets >= 0) & (grad_rows != 0)
+    grad = torch.empty_like(logits) if out is None else out
+    for rows in _chunks(torch.nonzero(active).squeeze(1), V):
+        z = logits.index_select(0, rows).float()
+        grad[rows] = _onehot_minus_softmax_(z, lse[rows], targets[rows], grad_rows[rows]).to(grad.dtype)
+    grad[~active] = 0
+    return grad
+
+
+def segment_sum(values, seq_index, num_sequences):
+    """values [C, N] fp32, seq_index [N] int64 in [-1, S) (-1 = none) -> [C, S] fp32 per-sequence sums."""
+    keep = seq_index >= 0
+    out = torch.zeros(values.shape[0], num_sequences, device=values.device, dtype=torch.float32)
+    return out.index_add_(1, seq_index[keep], values[:, keep])
+
+
+# ----------------------------------------------------------------------------- fused LM head
+
+class _Head:
+    """The LM head in fp32 with its logit transforms: z = softcap(scale * (h @ W.T + b)) / temperature."""
+
+    def __init__(self, weight, bias, logit_scale, softcap, temperature):
+        self.weight = weight.float()
+        self.bias = None if bias is None else bias.float()
+        self.logit_scale, self.softcap, self.temperature = logit_scale, softcap, temperature
+
+    def logits(self, hidden_rows):
+        """hidden_rows [C, D] -> fp32 logits [C, V] (a fresh tensor, free to overwrite)."""
+        h = hidden_rows.float()
+        z = h @ self.weight.t() if self.bias is None else torch.addmm(self.bias, h, self.weight.t())
+        if self.logit_scale != 1.0:
+            z.mul_(self.logit_scale)
+        if self.softcap is not None:
+            z.div_(self.softcap).tanh_().mul_(self.softcap)
+        if self.temperature != 1.0:
+            z.div_(self.temperature)
+        return z
+
+    def chain_(self, grad_z, z):
+        """In place: gradient w.r.t. the final logits z -> gradient w.r.t. h @ W.T + b."""
+        if self.temperature != 1.0:
+            grad_z.div_(self.temperature)
+        if self.softcap is not None:
+            capped = z * (self.temperature / self.softcap)  # tanh of the soft-capped argument
+            grad_z.mul_(capped.square_().neg_().add_(1.0))
+        if self.logit_scale != 1.0:
+            grad_z.mul_(self.logit_scale)
+        return grad_z
+
+
+def linear_logps_forward(hidden, weight, bias, rows, targets, *, logit_scale=1.0, softcap=None,
+                         temperature=1.0):
+    """hidden [N, D], weight [V, D], bias [V] | None, rows [M] int64, targets [M] int64 in [0, V)
+    -> (target_logit, lse, logit_sum), each [M] fp32, for z = softcap(scale * (h W^T + b)) / temperature.
+    """
+    head = _Head(weight, bias, logit_scale, softcap, temperature)
+    M = rows.numel()
+    target_logit, lse, logit_sum = (torch.empty(M, device=hidden.device) for _ in range(3))
+    for part in _chunks(torch.arange(M, device=hidden.device), weight.shape[0]):
+        z = head.logits(hidden.index_select(0, rows[part]))
+        target_logit[part] = z.gather(1, targets[part, None]).squeeze(1)
+        logit_sum[part] = z.sum(dim=1)
+        lse[part] = _log_sum_exp_(z)
+    return target_logit, lse, logit_sum
+
+
+def linear_logps_backward(hidden, weight, bias, rows, targets, lse, grad_rows, *, logit_scale=1.0,
+                          softcap=None, temperature=1.0, needs_hidden_grad=True, needs_weight_grad=True,
+                          needs_bias_grad=True):
+    """Gradients of sum_m grad_rows[m] * (z[m, targets[m]] - lse[m]) w.r.t. hidden, weight and bias.
+
+    Returns (grad_hidden [N, D] | None, grad_weight [V, D] | None, grad_bias [V] | None) in the input
+    dtypes, fp32 accumulation; rows of hidden not in `rows` get 0. Logit tiles are recomputed.
+    """
+    head = _Head(weight, bias, logit_scale, softcap, temperature)
+    grad_hidden = torch.zeros_like(hidden) if needs_hidden_grad else None
+    grad_weight = torch.zeros_like(head.weight) if needs_weight_grad else None
+    grad_bias = torch.zeros_like(head.bias) if needs_bias_grad and bias is not None else None
+    active = torch.nonzero(grad_rows != 0).squeeze(1)
+    for part in _chunks(active, weight.shape[0]):
+        h = hidden.index_select(0, rows[part]).float()
+        z = head.logits(h)
+        grad_z = head.chain_(_onehot_minus_softmax_(z.clone() if softcap is not None else z,
+                                                    lse[part], targets[part], grad_rows[part]), z)
+        if grad_hidden is not None:
+            grad_hidden[rows[part]] = (grad_z @ head.weight).to(hidden.dtype)
+        if grad_weight is not None:
+            grad_weight.addmm_(grad_z.t(), h)
+        if grad_bias is not None:
+            grad_bias += grad_z.sum(dim=0)
+    cast = lambda g, like: None if g is None else g.to(like.dtype)
+    return grad_hidden, cast(grad_weight, weight), cast(grad_bias, bias)
