@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .logps import compute_sequence_logps
-from .losses import preference_loss
+from .losses import check_loss_config, preference_loss
 
 
 @dataclass
@@ -73,6 +73,16 @@ def loss(logits=None, labels=None, *, ref_logits=None, ref_logps=None, seq_ids=N
     `loss_type` (str or list, with `loss_weights`), `beta`, `label_smoothing` and `loss_params` (e.g.
     gamma for simpo) follow TRL's DPOTrainer. Returns a DPOOutput; `.loss` is the mean over pairs.
     """
+    loss_config = dict(beta=beta, loss_type=loss_type, loss_weights=loss_weights,
+                       label_smoothing=label_smoothing, reference_free=reference_free, **loss_params)
+    needs_reference = check_loss_config(**loss_config).needs_reference
+    given = [name for name, value in (("ref_logits", ref_logits), ("ref_hidden", ref_hidden),
+                                      ("ref_logps", ref_logps)) if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"pass at most one reference input, got {given}")
+    if needs_reference and not given:
+        raise ValueError(f"loss_type={loss_type!r} needs the reference model: pass ref_logits, ref_hidden or "
+                         f"ref_logps, or reference_free=True")
     common = dict(seq_ids=seq_ids, ignore_index=ignore_index, shift=shift, num_sequences=num_sequences,
                   logit_scale=logit_scale, softcap=softcap, temperature=temperature, backend=backend,
                   check_finite=check_finite)
@@ -81,26 +91,25 @@ def loss(logits=None, labels=None, *, ref_logits=None, ref_logps=None, seq_ids=N
     chosen_logps, rejected_logps = _split_pairs(logps, "labels/seq_ids")
     chosen_lengths, rejected_lengths = _split_pairs(n_tokens, "labels/seq_ids")
 
-    given = [name for name, value in (("ref_logits", ref_logits), ("ref_hidden", ref_hidden),
-                                      ("ref_logps", ref_logps)) if value is not None]
-    if len(given) > 1:
-        raise ValueError(f"pass at most one reference input, got {given}")
-    if ref_logps is not None:
+    if ref_logps is not None and not reference_free:
         ref = _reference_logps(ref_logps, logps.shape[0])
-    elif given:
+    elif given and not reference_free:
         if ref_hidden is not None and ref_weight is None:
             ref_weight, ref_bias = weight, (bias if ref_bias is None else ref_bias)
-        with torch.no_grad():
-            ref = compute_sequence_logps(ref_logits, labels, hidden=ref_hidden, weight=ref_weight,
-                                         bias=ref_bias, **common)[0]
+        try:
+            with torch.no_grad():
+                ref, _, _, ref_vocab_size = compute_sequence_logps(ref_logits, labels, hidden=ref_hidden,
+                                                                   weight=ref_weight, bias=ref_bias, **common)
+        except (ValueError, FloatingPointError) as error:
+            raise type(error)(f"reference model inputs: {error}") from None
+        if ref_vocab_size != vocab_size:
+            raise ValueError(f"the reference vocabulary ({ref_vocab_size}) differs from the policy's ({vocab_size})")
     else:
         ref = None
     ref_chosen, ref_rejected = (None, None) if ref is None else _split_pairs(ref, "reference")
 
     terms = preference_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected,
-                            chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, beta=beta,
-                            loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing,
-                            reference_free=reference_free, **loss_params)
+                            chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **loss_config)
     metrics = _metrics(chosen_logps, rejected_logps, terms.chosen_rewards, terms.rejected_rewards,
                        logit_sums, n_tokens, vocab_size)
     return DPOOutput(loss=terms.losses.mean(), losses=terms.losses, chosen_logps=chosen_logps,

@@ -31,9 +31,9 @@ def _sequence_sums(impl, row_logps, logit_sum, seq_index, num_sequences):
     return sums[0], sums[1]
 
 
-def _rows_gradient(grad_logps, seq_index):
+def _rows_gradient(grad_logps, seq_index, dtype):
     """Per-token upstream gradient: grad_logps[seq_index], 0 where seq_index is -1."""
-    return torch.where(seq_index >= 0, grad_logps.float()[seq_index.clamp(min=0)], 0.0).contiguous()
+    return torch.where(seq_index >= 0, grad_logps.to(dtype)[seq_index.clamp(min=0)], 0.0).contiguous()
 
 
 class _LogitsSequenceLogps(torch.autograd.Function):
@@ -49,7 +49,7 @@ class _LogitsSequenceLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logps, _):
         logits, targets, seq_index, lse = ctx.saved_tensors
-        grad_rows = _rows_gradient(grad_logps, seq_index)
+        grad_rows = _rows_gradient(grad_logps, seq_index, lse.dtype)
         out = logits if ctx.inplace_backward else None
         grad_logits = ctx.impl.row_logps_backward(logits, targets, lse, grad_rows, out=out)
         return grad_logits, None, None, None, None, None
@@ -80,7 +80,7 @@ class _LinearSequenceLogps(torch.autograd.Function):
     def backward(ctx, grad_logps, _):
         hidden, weight, bias, rows, targets, seq_of_rows, lse = ctx.saved_tensors
         grad_hidden, grad_weight, grad_bias = ctx.impl.linear_logps_backward(
-            hidden, weight, bias, rows, targets, lse, _rows_gradient(grad_logps, seq_of_rows),
+            hidden, weight, bias, rows, targets, lse, _rows_gradient(grad_logps, seq_of_rows, lse.dtype),
             needs_hidden_grad=ctx.needs_input_grad[0], needs_weight_grad=ctx.needs_input_grad[1],
             needs_bias_grad=ctx.needs_input_grad[2], **ctx.transforms)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None

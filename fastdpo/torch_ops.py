@@ -3,11 +3,16 @@
 It serves CPU users and is the reference the kernels are checked against. Work is chunked over rows so
 that no fp32 [N, V] tensor is ever built: peak extra memory is O(CHUNK_ELEMENTS) + O(N) (+ an fp32
 weight-gradient accumulator for the fused head). Only rows with a target are touched; rows whose
-upstream gradient is exactly 0 are skipped in backward. All math is fp32.
+upstream gradient is exactly 0 are skipped in backward. Math is fp32 (fp64 for fp64 inputs, so that
+`torch.autograd.gradcheck` can check it).
 """
 import torch
 
 CHUNK_ELEMENTS = 1 << 22  # fp32 elements of one [rows, V] working tile (16 MiB)
+
+
+def _math_dtype(tensor):
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
 def _chunks(index, vocab_size):
@@ -33,9 +38,10 @@ def _onehot_minus_softmax_(z, lse, targets, grad):
 def row_logps_forward(logits, targets):
     """logits [N, V], targets [N] int64 (-1 = no target) -> (target_logit, lse, logit_sum) [N] fp32."""
     N, V = logits.shape
-    target_logit, lse, logit_sum = (torch.zeros(N, device=logits.device) for _ in range(3))
+    dtype = _math_dtype(logits)
+    target_logit, lse, logit_sum = (torch.zeros(N, device=logits.device, dtype=dtype) for _ in range(3))
     for rows in _chunks(torch.nonzero(targets >= 0).squeeze(1), V):
-        z = logits.index_select(0, rows).float()
+        z = logits.index_select(0, rows).to(dtype)
         target_logit[rows] = z.gather(1, targets[rows, None]).squeeze(1)
         logit_sum[rows] = z.sum(dim=1)
         lse[rows] = _log_sum_exp_(z)
@@ -51,7 +57,7 @@ def row_logps_backward(logits, targets, lse, grad_rows, out=None):
     active = (targets >= 0) & (grad_rows != 0)
     grad = torch.empty_like(logits) if out is None else out
     for rows in _chunks(torch.nonzero(active).squeeze(1), V):
-        z = logits.index_select(0, rows).float()
+        z = logits.index_select(0, rows).to(lse.dtype)
         grad[rows] = _onehot_minus_softmax_(z, lse[rows], targets[rows], grad_rows[rows]).to(grad.dtype)
     grad[~active] = 0
     return grad
@@ -60,7 +66,7 @@ def row_logps_backward(logits, targets, lse, grad_rows, out=None):
 def segment_sum(values, seq_index, num_sequences):
     """values [C, N] fp32, seq_index [N] int64 in [-1, S) (-1 = none) -> [C, S] fp32 per-sequence sums."""
     keep = seq_index >= 0
-    out = torch.zeros(values.shape[0], num_sequences, device=values.device, dtype=torch.float32)
+    out = torch.zeros(values.shape[0], num_sequences, device=values.device, dtype=values.dtype)
     return out.index_add_(1, seq_index[keep], values[:, keep])
 
 
@@ -70,13 +76,14 @@ class _Head:
     """The LM head in fp32 with its logit transforms: z = softcap(scale * (h @ W.T + b)) / temperature."""
 
     def __init__(self, weight, bias, logit_scale, softcap, temperature):
-        self.weight = weight.float()
-        self.bias = None if bias is None else bias.float()
+        self.dtype = _math_dtype(weight)
+        self.weight = weight.to(self.dtype)
+        self.bias = None if bias is None else bias.to(self.dtype)
         self.logit_scale, self.softcap, self.temperature = logit_scale, softcap, temperature
 
     def logits(self, hidden_rows):
         """hidden_rows [C, D] -> fp32 logits [C, V] (a fresh tensor, free to overwrite)."""
-        h = hidden_rows.float()
+        h = hidden_rows.to(self.dtype)
         z = h @ self.weight.t() if self.bias is None else torch.addmm(self.bias, h, self.weight.t())
         if self.logit_scale != 1.0:
             z.mul_(self.logit_scale)
@@ -105,7 +112,7 @@ def linear_logps_forward(hidden, weight, bias, rows, targets, *, logit_scale=1.0
     """
     head = _Head(weight, bias, logit_scale, softcap, temperature)
     M = rows.numel()
-    target_logit, lse, logit_sum = (torch.empty(M, device=hidden.device) for _ in range(3))
+    target_logit, lse, logit_sum = (torch.empty(M, device=hidden.device, dtype=head.dtype) for _ in range(3))
     for part in _chunks(torch.arange(M, device=hidden.device), weight.shape[0]):
         z = head.logits(hidden.index_select(0, rows[part]))
         target_logit[part] = z.gather(1, targets[part, None]).squeeze(1)
@@ -128,7 +135,7 @@ def linear_logps_backward(hidden, weight, bias, rows, targets, lse, grad_rows, *
     grad_bias = torch.zeros_like(head.bias) if needs_bias_grad and bias is not None else None
     active = torch.nonzero(grad_rows != 0).squeeze(1)
     for part in _chunks(active, weight.shape[0]):
-        h = hidden.index_select(0, rows[part]).float()
+        h = hidden.index_select(0, rows[part]).to(head.dtype)
         z = head.logits(h)
         grad_z = head.chain_(_onehot_minus_softmax_(z.clone() if softcap is not None else z,
                                                     lse[part], targets[part], grad_rows[part]), z)
