@@ -71,20 +71,26 @@ def segment_sum(values, seq_index, num_sequences):
 
 
 # ----------------------------------------------------------------------------- fused LM head
+# Tiles of [TILE_ROWS, TILE_VOCAB] logits (2 MiB fp32) stay in the L2 cache between the matmul that makes
+# them and the element-wise passes that consume them; a log-sum-exp runs online across vocabulary tiles.
+
+TILE_ROWS, TILE_VOCAB = 256, 2048
+
 
 class _Head:
-    """The LM head in fp32 with its logit transforms: z = softcap(scale * (h @ W.T + b)) / temperature."""
+    """The LM head with its logit transforms, tile by tile: z = softcap(scale * (h W^T + b)) / temperature."""
 
     def __init__(self, weight, bias, logit_scale, softcap, temperature):
         self.dtype = _math_dtype(weight)
         self.weight = weight.to(self.dtype)
         self.bias = None if bias is None else bias.to(self.dtype)
         self.logit_scale, self.softcap, self.temperature = logit_scale, softcap, temperature
+        self.vocab_tiles = [(v, min(v + TILE_VOCAB, weight.shape[0])) for v in range(0, weight.shape[0], TILE_VOCAB)]
 
-    def logits(self, hidden_rows):
-        """hidden_rows [C, D] -> fp32 logits [C, V] (a fresh tensor, free to overwrite)."""
-        h = hidden_rows.to(self.dtype)
-        z = h @ self.weight.t() if self.bias is None else torch.addmm(self.bias, h, self.weight.t())
+    def logits(self, h, begin, end):
+        """h [C, D] in the math dtype -> logits tile [C, end - begin] (fresh, free to overwrite)."""
+        w = self.weight[begin:end].t()
+        z = h @ w if self.bias is None else torch.addmm(self.bias[begin:end], h, w)
         if self.logit_scale != 1.0:
             z.mul_(self.logit_scale)
         if self.softcap is not None:
@@ -94,15 +100,18 @@ class _Head:
         return z
 
     def chain_(self, grad_z, z):
-        """In place: gradient w.r.t. the final logits z -> gradient w.r.t. h @ W.T + b."""
-        if self.temperature != 1.0:
-            grad_z.div_(self.temperature)
+        """In place: gradient w.r.t. the final logits tile z -> gradient w.r.t. h W^T + b."""
         if self.softcap is not None:
-            capped = z * (self.temperature / self.softcap)  # tanh of the soft-capped argument
-            grad_z.mul_(capped.square_().neg_().add_(1.0))
-        if self.logit_scale != 1.0:
-            grad_z.mul_(self.logit_scale)
-        return grad_z
+            tanh = z * (self.temperature / self.softcap)
+            grad_z.mul_(tanh.square_().neg_().add_(1.0))
+        scale = self.logit_scale / self.temperature
+        return grad_z.mul_(scale) if scale != 1.0 else grad_z
+
+
+def _targets_in_tile(targets, begin, end):
+    """(row positions, columns within the tile) of the targets that fall in vocabulary [begin, end)."""
+    inside = torch.nonzero((targets >= begin) & (targets < end)).squeeze(1)
+    return inside, targets[inside] - begin
 
 
 def linear_logps_forward(hidden, weight, bias, rows, targets, *, logit_scale=1.0, softcap=None,
@@ -112,12 +121,22 @@ def linear_logps_forward(hidden, weight, bias, rows, targets, *, logit_scale=1.0
     """
     head = _Head(weight, bias, logit_scale, softcap, temperature)
     M = rows.numel()
-    target_logit, lse, logit_sum = (torch.empty(M, device=hidden.device, dtype=head.dtype) for _ in range(3))
-    for part in _chunks(torch.arange(M, device=hidden.device), weight.shape[0]):
-        z = head.logits(hidden.index_select(0, rows[part]))
-        target_logit[part] = z.gather(1, targets[part, None]).squeeze(1)
-        logit_sum[part] = z.sum(dim=1)
-        lse[part] = _log_sum_exp_(z)
+    target_logit, lse, logit_sum = (torch.zeros(M, device=hidden.device, dtype=head.dtype) for _ in range(3))
+    for part in torch.arange(M, device=hidden.device).split(TILE_ROWS):
+        h, tgt = hidden.index_select(0, rows[part]).to(head.dtype), targets[part]
+        row_max = torch.full_like(lse[part], float("-inf"))
+        sum_exp, z_sum, z_target = torch.zeros_like(row_max), torch.zeros_like(row_max), torch.zeros_like(row_max)
+        for begin, end in head.vocab_tiles:
+            z = head.logits(h, begin, end)
+            inside, cols = _targets_in_tile(tgt, begin, end)
+            z_target[inside] = z[inside, cols]
+            z_sum += z.sum(dim=1)
+            new_max = torch.maximum(row_max, z.amax(dim=1))
+            shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+            sum_exp = sum_exp * (row_max - shift).exp_() + z.sub_(shift[:, None]).exp_().sum(dim=1)
+            row_max = new_max
+        shift = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+        target_logit[part], logit_sum[part], lse[part] = z_target, z_sum, shift + sum_exp.log()
     return target_logit, lse, logit_sum
 
 
@@ -127,23 +146,28 @@ def linear_logps_backward(hidden, weight, bias, rows, targets, lse, grad_rows, *
     """Gradients of sum_m grad_rows[m] * (z[m, targets[m]] - lse[m]) w.r.t. hidden, weight and bias.
 
     Returns (grad_hidden [N, D] | None, grad_weight [V, D] | None, grad_bias [V] | None) in the input
-    dtypes, fp32 accumulation; rows of hidden not in `rows` get 0. Logit tiles are recomputed.
+    dtypes, accumulated in fp32; rows of hidden not in `rows` get 0. Logits tiles are recomputed.
     """
     head = _Head(weight, bias, logit_scale, softcap, temperature)
     grad_hidden = torch.zeros_like(hidden) if needs_hidden_grad else None
     grad_weight = torch.zeros_like(head.weight) if needs_weight_grad else None
     grad_bias = torch.zeros_like(head.bias) if needs_bias_grad and bias is not None else None
-    active = torch.nonzero(grad_rows != 0).squeeze(1)
-    for part in _chunks(active, weight.shape[0]):
-        h = hidden.index_select(0, rows[part]).to(head.dtype)
-        z = head.logits(h)
-        grad_z = head.chain_(_onehot_minus_softmax_(z.clone() if softcap is not None else z,
-                                                    lse[part], targets[part], grad_rows[part]), z)
+    for part in torch.nonzero(grad_rows != 0).squeeze(1).split(TILE_ROWS):
+        h, tgt, g, row_lse = hidden.index_select(0, rows[part]).to(head.dtype), targets[part], grad_rows[part], lse[part]
+        grad_h = torch.zeros_like(h)
+        for begin, end in head.vocab_tiles:
+            z = head.logits(h, begin, end)
+            grad_z = (z - row_lse[:, None]).exp_().mul_(-g[:, None])  # g * (onehot - softmax), onehot below
+            inside, cols = _targets_in_tile(tgt, begin, end)
+            grad_z[inside, cols] += g[inside]
+            head.chain_(grad_z, z)
+            if grad_hidden is not None:
+                grad_h.addmm_(grad_z, head.weight[begin:end])
+            if grad_weight is not None:
+                grad_weight[begin:end].addmm_(grad_z.t(), h)
+            if grad_bias is not None:
+                grad_bias[begin:end] += grad_z.sum(dim=0)
         if grad_hidden is not None:
-            grad_hidden[rows[part]] = (grad_z @ head.weight).to(hidden.dtype)
-        if grad_weight is not None:
-            grad_weight.addmm_(grad_z.t(), h)
-        if grad_bias is not None:
-            grad_bias += grad_z.sum(dim=0)
-    cast = lambda g, like: None if g is None else g.to(like.dtype)
+            grad_hidden[rows[part]] = grad_h.to(hidden.dtype)
+    cast = lambda grad, like: None if grad is None else grad.to(like.dtype)
     return grad_hidden, cast(grad_weight, weight), cast(grad_bias, bias)
