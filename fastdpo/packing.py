@@ -1,0 +1,634 @@
+"""Packing preference pairs into padding-free rows.
+
+Two layouts, chosen with ``pack_pairs(..., shared_prompt=...)``:
+
+* ``shared_prompt=False`` ("packed"): every pair contributes two independent sequences,
+  ``[prompt][chosen]`` and ``[prompt][rejected]``, placed next to each other in one row. Each sequence
+  attends causally to itself only and its positions restart at 0.
+
+* ``shared_prompt=True`` ("shared"): one copy of the prompt per pair::
+
+      [p_0 .. p_{P-1}] [c_0 .. c_{C-1}] [p_{P-1}'] [r_0 .. r_{R-1}]
+       positions 0..P-1   P..P+C-1        P-1       P..P+R-1
+
+  The chosen block attends to the whole prompt and causally to itself. The rejected block (which starts
+  with ``p_{P-1}'``, a repeat of the last prompt token) attends to ``p_0 .. p_{P-2}`` and causally to
+  itself, never to the chosen response *and not to the original* ``p_{P-1}``: ``p_{P-1}'`` stands in for
+  it at the same position, so every rejected token sees exactly the keys/values it would see in an
+  unpacked ``[prompt][rejected]`` run (attending to both copies would count that key twice). The repeat
+  is needed because a position carries one label: the hidden state at ``p_{P-1}`` predicts ``c_0``, the
+  one at ``p_{P-1}'`` predicts ``r_0``.
+
+Whole pairs are placed into rows of at most ``max_tokens`` tokens by first-fit-decreasing bin packing.
+Labels follow the Hugging Face unshifted convention (``-100`` on prompt, the repeated token and padding)
+and ``seq_ids`` follow the TRL numbering (chosen of pair i -> i, rejected -> B + i, -1 elsewhere), so
+``fastdpo.sequence_logps(..., shift=True)`` / ``fastdpo.loss`` score every response token from the
+right context.
+
+Attention descriptions:
+
+* ``PackedBatch.attention_mask``: boolean ``[R, 1, T, T]``, True = attend (SDPA). Transformers (5.x)
+  passes a 4-D mask through untouched (``masking_utils._preprocess_mask_arguments``), and uses
+  ``position_ids`` only for the rotary embedding in that case.
+* ``PackedBatch.eager_mask(dtype)``: the same mask as an additive float mask. Transformers' eager
+  attention *adds* the mask to the scores, so a boolean mask there would be silently wrong.
+* ``flex_block_mask(batch)``: a FlexAttention ``BlockMask`` built from ``make_mask_mod(batch)``.
+* ``flash_attn_varlen_kwargs(batch)``: ``cu_seqlens``/``max_seqlen`` for flash-attn varlen over the
+  flattened rows (non-shared layout only: the shared layout is not a union of causal segments).
+
+Padding tokens attend only to themselves: no fully masked query rows, hence no NaNs in SDPA/eager.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+__all__ = [
+    "TRUNCATION_POLICIES",
+    "PackingWarning",
+    "TruncationEvent",
+    "PackingReport",
+    "PackedBatch",
+    "pack_pairs",
+    "pair_length",
+    "first_fit_decreasing",
+    "make_mask_mod",
+    "flex_block_mask",
+    "flash_attn_varlen_kwargs",
+    "layout_token_counts",
+    "DATASET_SHAPES",
+    "synthetic_lengths",
+]
+
+TRUNCATION_POLICIES = ("error", "keep_end_of_prompt", "truncate_response")
+
+# branch ids: which part of a pair block a token belongs to (see make_mask_mod)
+BRANCH_PAD = -1
+BRANCH_CONTEXT = 0  # visible to every later token of its block (prompt[:-1] in the shared layout)
+BRANCH_CHOSEN = 1  # last prompt token + chosen response (shared layout); whole sequence otherwise
+BRANCH_REJECTED = 2  # repeated last prompt token + rejected response (shared layout)
+
+
+class PackingWarning(UserWarning):
+    """Emitted whenever packing changed the data (truncation)."""
+
+
+@dataclass(frozen=True)
+class TruncationEvent:
+    pair_index: int
+    policy: str
+    before: tuple[int, int, int]  # (prompt, chosen, rejected) lengths
+    after: tuple[int, int, int]
+
+    def __str__(self) -> str:
+        return f"pair {self.pair_index}: (prompt, chosen, rejected) {self.before} -> {self.after} [{self.policy}]"
+
+
+@dataclass
+class PackingReport:
+    num_pairs: int
+    num_rows: int
+    row_length: int
+    max_tokens: int
+    shared_prompt: bool
+    real_tokens: int  # non-padding tokens
+    truncated: list[TruncationEvent] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.num_rows * self.row_length
+
+    @property
+    def padding_tokens(self) -> int:
+        return self.total_tokens - self.real_tokens
+
+    @property
+    def fill(self) -> float:
+        return self.real_tokens / max(self.total_tokens, 1)
+
+    def __str__(self) -> str:
+        s = (
+            f"packed {self.num_pairs} pairs ({'shared' if self.shared_prompt else 'separate'} prompt) into "
+            f"{self.num_rows} rows x {self.row_length} tokens (max_tokens={self.max_tokens}), "
+            f"{self.real_tokens} real tokens, fill {self.fill:.1%}"
+        )
+        if self.truncated:
+            s += f"; {len(self.truncated)} pairs truncated: " + "; ".join(map(str, self.truncated[:5]))
+            if len(self.truncated) > 5:
+                s += "; ..."
+        return s
+
+
+@dataclass
+class PackedBatch:
+    """Packed preference pairs. All [R, T] tensors share one layout; see the module docstring."""
+
+    input_ids: torch.Tensor  # [R, T] int64
+    position_ids: torch.Tensor  # [R, T] int64, restarting per sequence (continuing for shared responses)
+    labels: torch.Tensor  # [R, T] int64, unshifted, ignore_index on prompt / repeated token / padding
+    seq_ids: torch.Tensor  # [R, T] int64, aligned with labels: chosen of pair i -> i, rejected -> B+i, else -1
+    segment_ids: torch.Tensor  # [R, T] int64, attention segment per token (global counter), -1 padding
+    branch_ids: torch.Tensor  # [R, T] int64, BRANCH_* (see make_mask_mod)
+    cu_seqlens: torch.Tensor  # [N+1] int32, boundaries of attention segments over the flattened R*T tokens
+    max_seqlen: int  # longest attention segment (incl. padding segments)
+    num_pairs: int
+    shared_prompt: bool
+    pair_rows: list[int]  # row holding each pair
+    report: PackingReport
+    attention_mask: torch.Tensor | None = None  # [R, 1, T, T] bool, True = attend
+    ignore_index: int = -100
+
+    @property
+    def num_sequences(self) -> int:
+        return 2 * self.num_pairs
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.input_ids.shape)
+
+    def to(self, device) -> "PackedBatch":
+        out = PackedBatch(**{k: getattr(self, k) for k in self.__dataclass_fields__})
+        for k in ("input_ids", "position_ids", "labels", "seq_ids", "segment_ids", "branch_ids", "cu_seqlens",
+                  "attention_mask"):
+            v = getattr(out, k)
+            if v is not None:
+                setattr(out, k, v.to(device))
+        return out
+
+    def bool_mask(self, sliding_window: int | None = None) -> torch.Tensor:
+        """[R, 1, T, T] boolean mask, True = attend (built on first use if pack_pairs(build_mask=False)).
+        With `sliding_window` w, a token only sees keys whose position is within w - 1 of its own
+        (transformers' rule kv > q - w, applied to position ids so it matches unpacked runs)."""
+        if self.attention_mask is None:
+            self.attention_mask = _mask_from_ids(self.segment_ids, self.branch_ids)
+        if sliding_window is None:
+            return self.attention_mask
+        pos = self.position_ids
+        near = (pos[:, None, :, None] - pos[:, None, None, :]) < sliding_window
+        eye = torch.eye(pos.shape[1], dtype=torch.bool, device=pos.device)
+        return self.attention_mask & (near | eye)
+
+    def eager_mask(self, dtype: torch.dtype = torch.float32, sliding_window: int | None = None) -> torch.Tensor:
+        """Additive float mask [R, 1, T, T]: 0 where attending, finfo(dtype).min elsewhere."""
+        m = self.bool_mask(sliding_window)
+        out = torch.zeros(m.shape, dtype=dtype, device=m.device)
+        return out.masked_fill_(~m, torch.finfo(dtype).min)
+
+
+# --------------------------------------------------------------------------------------------------
+# validation / truncation
+# --------------------------------------------------------------------------------------------------
+
+def pair_length(prompt_len: int, chosen_len: int, rejected_len: int, shared_prompt: bool) -> int:
+    """Tokens a pair occupies in a row."""
+    if shared_prompt:
+        return prompt_len + chosen_len + 1 + rejected_len
+    return 2 * prompt_len + chosen_len + rejected_len
+
+
+def _as_token_list(x, what: str, i: int, vocab_size: int | None) -> list[int]:
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 1:
+            raise ValueError(f"{what}[{i}] must be a 1-D sequence of token ids, got shape {tuple(x.shape)}")
+        if x.dtype.is_floating_point or x.dtype == torch.bool:
+            raise ValueError(f"{what}[{i}] must hold integer token ids, got dtype {x.dtype}")
+        x = x.tolist()
+    elif isinstance(x, (str, bytes)):
+        raise ValueError(f"{what}[{i}] is a string: pack_pairs takes token ids (tokenize first)")
+    try:
+        toks = list(x)
+    except TypeError:
+        raise ValueError(f"{what}[{i}] must be a sequence of token ids, got {type(x).__name__}") from None
+    if len(toks) == 0:
+        raise ValueError(f"{what}[{i}] is empty: every prompt and response needs at least one token")
+    for t in toks:
+        if isinstance(t, bool) or not isinstance(t, int):
+            try:
+                import numpy as np
+
+                ok = isinstance(t, np.integer)
+            except ImportError:  # pragma: no cover
+                ok = False
+            if not ok:
+                raise ValueError(f"{what}[{i}] contains a non-integer token id {t!r}")
+    toks = [int(t) for t in toks]
+    lo, hi = min(toks), max(toks)
+    if lo < 0:
+        raise ValueError(f"{what}[{i}] contains a negative token id {lo}")
+    if vocab_size is not None and hi >= vocab_size:
+        raise ValueError(f"{what}[{i}] contains token id {hi} outside the vocabulary (vocab_size={vocab_size})")
+    return toks
+
+
+def _truncate(p, c, r, i, max_tokens, shared, policy):
+    """Return (p, c, r, event|None) fitting max_tokens under `policy`, or raise ValueError."""
+    P, C, R = len(p), len(c), len(r)
+    n = pair_length(P, C, R, shared)
+    if n <= max_tokens:
+        return p, c, r, None
+    layout = "shared-prompt" if shared else "separate-prompt"
+    detail = f"pair {i} needs {n} tokens ({layout} layout: prompt {P}, chosen {C}, rejected {R}) > max_tokens={max_tokens}"
+    if policy == "error":
+        raise ValueError(
+            f"{detail}; raise max_tokens or pass truncation='keep_end_of_prompt' or 'truncate_response'"
+        )
+    if policy == "keep_end_of_prompt":
+        excess = n - max_tokens
+        drop = excess if shared else -(-excess // 2)
+        if P - drop < 1:
+            raise ValueError(f"{detail}; truncation='keep_end_of_prompt' cannot fit it even with a 1-token prompt")
+        p2, c2, r2 = p[drop:], c, r
+    elif policy == "truncate_response":
+        avail = max_tokens - (P + 1 if shared else 2 * P)
+        if avail < 2:
+            raise ValueError(f"{detail}; truncation='truncate_response' cannot fit it even with 1-token responses")
+        short = min(C, R)
+        if 2 * short <= avail:  # the shorter response is kept whole, the longer one is cut
+            cap = avail - short
+        else:  # both are cut to (about) half the budget
+            cap = avail // 2
+        C2, R2 = min(C, cap), min(R, cap)
+        spare = avail - C2 - R2  # odd budget: one more token to whichever response can take it
+        if spare and C2 < C:
+            C2 += 1
+        elif spare and R2 < R:
+            R2 += 1
+        p2, c2, r2 = p, c[:C2], r[:R2]
+    else:  # pragma: no cover - checked by the caller
+        raise AssertionError(policy)
+    ev = TruncationEvent(i, policy, (P, C, R), (len(p2), len(c2), len(r2)))
+    assert pair_length(len(p2), len(c2), len(r2), shared) <= max_tokens
+    return p2, c2, r2, ev
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bin packing: items (indices into `lengths`) sorted by decreasing length, each placed into the first
+    bin with room. Returns bins as lists of item indices in placement order. Ties keep input order."""
+    order = sorted(range(len(lengths)), key=lambda k: (-lengths[k], k))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for k in order:
+        n = lengths[k]
+        if n > capacity:
+            raise ValueError(f"item {k} of length {n} exceeds the bin capacity {capacity}")
+        for b in range(len(bins)):
+            if room[b] >= n:
+                bins[b].append(k)
+                room[b] -= n
+                break
+        else:
+            bins.append([k])
+            room.append(capacity - n)
+    return bins
+
+
+# --------------------------------------------------------------------------------------------------
+# packing
+# --------------------------------------------------------------------------------------------------
+
+def pack_pairs(
+    prompts: Sequence[Sequence[int]],
+    chosen: Sequence[Sequence[int]],
+    rejected: Sequence[Sequence[int]],
+    *,
+    max_tokens: int,
+    shared_prompt: bool = True,
+    truncation: str = "error",
+    pad_token_id: int = 0,
+    pad_to_multiple_of: int | None = None,
+    ignore_index: int = -100,
+    vocab_size: int | None = None,
+    build_mask: bool = True,
+    device: torch.device | str | None = None,
+) -> PackedBatch:
+    """Pack B preference pairs (token-id lists) into rows of at most ``max_tokens`` tokens.
+
+    Returns a :class:`PackedBatch`; ``batch.report`` says how the pairs were packed and which were truncated
+    (truncation also emits a :class:`PackingWarning`). Row length T is the longest row, rounded up to
+    ``pad_to_multiple_of``. Pairs are never split across rows.
+    """
+    if not (len(prompts) == len(chosen) == len(rejected)):
+        raise ValueError(
+            f"prompts, chosen and rejected must have the same length, got {len(prompts)}, {len(chosen)}, {len(rejected)}"
+        )
+    B = len(prompts)
+    if B == 0:
+        raise ValueError("pack_pairs needs at least one preference pair")
+    if truncation not in TRUNCATION_POLICIES:
+        raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < (4 if shared_prompt else 4):
+        raise ValueError(f"max_tokens must be an int >= 4, got {max_tokens!r}")
+    if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
+        raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
+    if vocab_size is not None and not (0 <= pad_token_id < vocab_size):
+        raise ValueError(f"pad_token_id={pad_token_id} is outside the vocabulary (vocab_size={vocab_size})")
+
+    pairs, events = [], []
+    for i in range(B):
+        p = _as_token_list(prompts[i], "prompts", i, vocab_size)
+        c = _as_token_list(chosen[i], "chosen", i, vocab_size)
+        r = _as_token_list(rejected[i], "rejected", i, vocab_size)
+        p, c, r, ev = _truncate(p, c, r, i, max_tokens, shared_prompt, truncation)
+        if ev is not None:
+            events.append(ev)
+        pairs.append((p, c, r))
+    if events:
+        warnings.warn(
+            f"pack_pairs truncated {len(events)} of {B} pairs to max_tokens={max_tokens} "
+            f"(truncation={truncation!r}): " + "; ".join(map(str, events[:3])) + ("; ..." if len(events) > 3 else ""),
+            PackingWarning,
+            stacklevel=2,
+        )
+
+    lengths = [pair_length(len(p), len(c), len(r), shared_prompt) for p, c, r in pairs]
+    bins = first_fit_decreasing(lengths, max_tokens)
+    R_ = len(bins)
+    T = max(sum(lengths[k] for k in b) for b in bins)
+    if pad_to_multiple_of:
+        T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
+
+    ids = [[pad_token_id] * T for _ in range(R_)]
+    pos = [[0] * T for _ in range(R_)]
+    lab = [[ignore_index] * T for _ in range(R_)]
+    sid = [[-1] * T for _ in range(R_)]
+    seg = [[-1] * T for _ in range(R_)]
+    br = [[BRANCH_PAD] * T for _ in range(R_)]
+    seg_lens: list[int] = []
+    pair_rows = [0] * B
+    n_seg = 0
+
+    def put(row, t, toks, positions, labels, seq, segment, branch):
+        n = len(toks)
+        ids[row][t:t + n] = toks
+        pos[row][t:t + n] = positions
+        lab[row][t:t + n] = labels
+        sid[row][t:t + n] = [seq if l != ignore_index else -1 for l in labels]
+        seg[row][t:t + n] = [segment] * n
+        br[row][t:t + n] = branch if isinstance(branch, list) else [branch] * n
+        return t + n
+
+    for row, b in enumerate(bins):
+        t = 0
+        for k in b:
+            pair_rows[k] = row
+            p, c, r = pairs[k]
+            P, C, R = len(p), len(c), len(r)
+            if shared_prompt:
+                t = put(row, t, p, list(range(P)), [ignore_index] * P, -1, n_seg,
+                        [BRANCH_CONTEXT] * (P - 1) + [BRANCH_CHOSEN])
+                t = put(row, t, c, list(range(P, P + C)), c, k, n_seg, BRANCH_CHOSEN)
+                t = put(row, t, [p[-1]], [P - 1], [ignore_index], -1, n_seg, BRANCH_REJECTED)
+                t = put(row, t, r, list(range(P, P + R)), r, B + k, n_seg, BRANCH_REJECTED)
+                seg_lens.append(P + C + 1 + R)
+                n_seg += 1
+            else:
+                for resp, s in ((c, k), (r, B + k)):
+                    t = put(row, t, p + resp, list(range(P + len(resp))),
+                            [ignore_index] * P + resp, s, n_seg, BRANCH_CHOSEN)
+                    seg_lens.append(P + len(resp))
+                    n_seg += 1
+        if t < T:  # padding: own segment (attends to itself only); positions 0.. so that position-id based
+            # segment detection (HF flash-attn / packed-sequence masks) sees it as a separate sequence
+            pos[row][t:T] = list(range(T - t))
+            seg_lens.append(T - t)
+
+    kw = dict(dtype=torch.long, device=device)
+    cu = torch.tensor([0] + seg_lens, dtype=torch.int64).cumsum(0).to(torch.int32)
+    assert int(cu[-1]) == R_ * T
+    batch = PackedBatch(
+        input_ids=torch.tensor(ids, **kw),
+        position_ids=torch.tensor(pos, **kw),
+        labels=torch.tensor(lab, **kw),
+        seq_ids=torch.tensor(sid, **kw),
+        segment_ids=torch.tensor(seg, **kw),
+        branch_ids=torch.tensor(br, **kw),
+        cu_seqlens=cu.to(device) if device is not None else cu,
+        max_seqlen=max(seg_lens),
+        num_pairs=B,
+        shared_prompt=shared_prompt,
+        pair_rows=pair_rows,
+        report=PackingReport(
+            num_pairs=B, num_rows=R_, row_length=T, max_tokens=max_tokens, shared_prompt=shared_prompt,
+            real_tokens=sum(lengths), truncated=events,
+        ),
+        ignore_index=ignore_index,
+    )
+    if build_mask:
+        batch.attention_mask = _block_mask_explicit(batch, pairs, bins)
+    return batch
+
+
+def _block_mask_explicit(batch: PackedBatch, pairs, bins) -> torch.Tensor:
+    """Boolean [R, 1, T, T] mask written block by block from the pair lengths (independent of the
+    id-based rule in make_mask_mod, which the tests compare against it)."""
+    R_, T = batch.input_ids.shape
+    m = torch.zeros(R_, 1, T, T, dtype=torch.bool)
+
+    def causal(n):
+        return torch.ones(n, n, dtype=torch.bool).tril_()
+
+    for row, b in enumerate(bins):
+        t = 0
+        for k in b:
+            p, c, r = pairs[k]
+            P, C, R = len(p), len(c), len(r)
+            if batch.shared_prompt:
+                n1 = P + C  # [prompt][chosen]: plain causal block
+                m[row, 0, t:t + n1, t:t + n1] = causal(n1)
+                s = t + n1  # rejected block: repeated token + rejected response
+                m[row, 0, s:s + 1 + R, t:t + P - 1] = True  # sees prompt[:-1]
+                m[row, 0, s:s + 1 + R, s:s + 1 + R] = causal(1 + R)
+                t = s + 1 + R
+            else:
+                for n in (P + C, P + R):
+                    m[row, 0, t:t + n, t:t + n] = causal(n)
+                    t += n
+        idx = torch.arange(t, T)
+        m[row, 0, idx, idx] = True  # padding attends to itself only
+    return m.to(batch.input_ids.device)
+
+
+def _mask_from_ids(segment_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.Tensor:
+    T = segment_ids.shape[-1]
+    q = torch.arange(T, device=segment_ids.device)
+    return make_mask_mod(segment_ids, branch_ids)(
+        torch.arange(segment_ids.shape[0], device=segment_ids.device)[:, None, None, None], 0,
+        q[None, None, :, None], q[None, None, None, :],
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# FlexAttention / flash-attn
+# --------------------------------------------------------------------------------------------------
+
+def make_mask_mod(batch_or_segment_ids, branch_ids: torch.Tensor | None = None, *,
+                  sliding_window: int | None = None, position_ids: torch.Tensor | None = None) -> Callable:
+    """FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool`` for a packed batch.
+
+    Rule: kv is visible to q iff q == kv, or (same non-padding segment, kv <= q, and
+    branch[kv] == CONTEXT or branch[kv] == branch[q]) [and pos[q] - pos[kv] < sliding_window].
+    Works element-wise on index tensors, so it can also be evaluated with broadcasting on CPU.
+    """
+    if isinstance(batch_or_segment_ids, PackedBatch):
+        seg, br = batch_or_segment_ids.segment_ids, batch_or_segment_ids.branch_ids
+        pos = batch_or_segment_ids.position_ids if position_ids is None else position_ids
+    else:
+        seg, br, pos = batch_or_segment_ids, branch_ids, position_ids
+        if br is None:
+            raise ValueError("make_mask_mod needs branch_ids when given segment ids")
+    if sliding_window is not None and pos is None:
+        raise ValueError("make_mask_mod needs position_ids for a sliding window")
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        sq, sk = seg[b, q_idx], seg[b, kv_idx]
+        bq, bk = br[b, q_idx], br[b, kv_idx]
+        same = (sq == sk) & (sq >= 0) & (kv_idx <= q_idx) & ((bk == BRANCH_CONTEXT) | (bk == bq))
+        if sliding_window is not None:
+            same = same & ((pos[b, q_idx] - pos[b, kv_idx]) < sliding_window)
+        return same | (q_idx == kv_idx)
+
+    return mask_mod
+
+
+def flex_attention_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def flex_block_mask(batch: PackedBatch, *, device=None, block_size: int = 128, compile: bool = False,
+                    sliding_window: int | None = None):
+    """FlexAttention BlockMask of shape [R, 1, T, T] for the batch (for attn_implementation="flex_attention").
+    Intended for GPU; raises RuntimeError when torch.nn.attention.flex_attention is not importable."""
+    if not flex_attention_available():
+        raise RuntimeError("torch.nn.attention.flex_attention is not available in this torch build")
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    device = device if device is not None else batch.input_ids.device
+    b = batch.to(device)
+    R_, T = b.input_ids.shape
+    return create_block_mask(make_mask_mod(b, sliding_window=sliding_window), R_, None, T, T, device=device, BLOCK_SIZE=block_size,
+                             _compile=compile)
+
+
+def flash_attn_varlen_kwargs(batch: PackedBatch, *, hf_names: bool = False) -> dict:
+    """Arguments for flash-attn varlen over the flattened [R*T] tokens of a non-shared batch.
+
+    ``hf_names=False``: {"cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"}
+    (``flash_attn_varlen_func``); ``hf_names=True``: {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+    "max_length_k"} (transformers' FlashAttentionKwargs). Padding tails are their own segments.
+    """
+    if batch.shared_prompt:
+        raise ValueError(
+            "flash-attn varlen cannot express the shared-prompt layout (the rejected response must skip the "
+            "chosen one); use pack_pairs(shared_prompt=False), or sdpa / eager / flex_attention"
+        )
+    cu = batch.cu_seqlens.to(device=batch.input_ids.device, dtype=torch.int32)
+    if hf_names:
+        return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": batch.max_seqlen,
+                "max_length_k": batch.max_seqlen}
+    return {"cu_seqlens_q": cu, "cu_seqlens_k": cu, "max_seqlen_q": batch.max_seqlen,
+            "max_seqlen_k": batch.max_seqlen}
+
+
+# --------------------------------------------------------------------------------------------------
+# token accounting
+# --------------------------------------------------------------------------------------------------
+
+# Rough mean token lengths (prompt, response) with the prompt:response ratios of common DPO datasets.
+DATASET_SHAPES = {
+    "hh-rlhf": (150, 70),  # ratio ~2.15
+    "tldr": (330, 30),  # ratio 11
+    "ultrafeedback": (168, 400),  # ratio 0.42
+}
+
+
+def synthetic_lengths(prompt_mean: float, response_mean: float, n: int, *, sigma: float = 0.0, seed: int = 0):
+    """n (prompt, chosen, rejected) length triples; log-normal spread `sigma` (0 -> all equal to the means).
+    Chosen and rejected are drawn independently."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(mean):
+        if sigma == 0:
+            return [max(1, round(mean))] * n
+        mu = math.log(mean) - sigma ** 2 / 2  # keep the mean
+        x = torch.exp(mu + sigma * torch.randn(n, generator=g, dtype=torch.float64))
+        return [max(1, round(v)) for v in x.tolist()]
+
+    return draw(prompt_mean), draw(response_mean), draw(response_mean)
+
+
+def layout_token_counts(
+    prompt_lens: Sequence[int],
+    chosen_lens: Sequence[int],
+    rejected_lens: Sequence[int],
+    *,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+) -> dict:
+    """Tokens processed per pair under three layouts.
+
+    * "padded": TRL-style, 2 rows per pair ([prompt][chosen], [prompt][rejected]) padded to the longest
+      sequence of its mini-batch of `batch_size` pairs;
+    * "packed": separate-prompt packing, 2P + C + R per pair;
+    * "shared": shared-prompt packing, P + C + 1 + R per pair.
+    With `max_tokens`, "packed"/"shared" additionally include the padding left by first-fit-decreasing
+    rows (rows * row_length per pair, each mini-batch packed on its own). Also reports the attention
+    score entries per pair (sum over causal segments of n(n+1)/2, plus the shared layout's extra
+    prompt-to-rejected block) as "*_attn".
+    """
+    P, C, R = list(prompt_lens), list(chosen_lens), list(rejected_lens)
+    if not (len(P) == len(C) == len(R)) or not P:
+        raise ValueError("prompt_lens, chosen_lens, rejected_lens must be non-empty and of equal length")
+    n = len(P)
+    padded = 0
+    packed = 0
+    shared = 0
+    tri = lambda k: k * (k + 1) // 2  # noqa: E731
+    attn = {"padded": 0, "packed": 0, "shared": 0}
+    for s in range(0, n, batch_size):
+        idx = range(s, min(s + batch_size, n))
+        L = max(max(P[i] + C[i], P[i] + R[i]) for i in idx)
+        padded += 2 * L * len(idx)
+        attn["padded"] += 2 * tri(L) * len(idx)
+        lp = [pair_length(P[i], C[i], R[i], False) for i in idx]
+        ls = [pair_length(P[i], C[i], R[i], True) for i in idx]
+        if max_tokens is None:
+            packed += sum(lp)
+            shared += sum(ls)
+        else:
+            for lens, name in ((lp, "packed"), (ls, "shared")):
+                if max(lens) > max_tokens:
+                    raise ValueError(f"a pair needs {max(lens)} tokens > max_tokens={max_tokens} ({name} layout)")
+                bins = first_fit_decreasing(lens, max_tokens)
+                rows_t = len(bins) * max(sum(lens[k] for k in b) for b in bins)
+                if name == "packed":
+                    packed += rows_t
+                else:
+                    shared += rows_t
+        for i in idx:
+            attn["packed"] += tri(P[i] + C[i]) + tri(P[i] + R[i])
+            attn["shared"] += tri(P[i] + C[i]) + (P[i] - 1) * (R[i] + 1) + tri(R[i] + 1)
+    real = sum(P) + sum(C) + sum(R)
+    out = {
+        "pairs": n,
+        "mean_prompt": sum(P) / n,
+        "mean_response": (sum(C) + sum(R)) / (2 * n),
+        "padded": padded / n,
+        "packed": packed / n,
+        "shared": shared / n,
+        "padded_attn": attn["padded"] / n,
+        "packed_attn": attn["packed"] / n,
+        "shared_attn": attn["shared"] / n,
+        "unique_tokens": real / n,
+    }
+    out["shared_vs_packed"] = out["shared"] / out["packed"]
+    out["shared_vs_padded"] = out["shared"] / out["padded"]
+    out["packed_vs_padded"] = out["packed"] / out["padded"]
+    return out

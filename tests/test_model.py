@@ -1,0 +1,295 @@
+"""fastdpo.model.model_loss on tiny random Hugging Face models vs fastdpo.loss on full logits of unpacked runs."""
+import contextlib
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastdpo
+from fastdpo.model import attention_inputs, forward_hidden, lm_head_params, model_loss
+from fastdpo.packing import pack_pairs
+
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 128
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
+
+
+def tiny_llama(impl="sdpa", seed=0, **over):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**{**TINY, **over}, attn_implementation=impl)).eval()
+
+
+def random_pairs(B, seed, p=(1, 9), r=(1, 7), vocab=VOCAB):
+    g = torch.Generator().manual_seed(seed)
+
+    def seq(lo, hi):
+        n = int(torch.randint(lo, hi, (1,), generator=g))
+        return torch.randint(1, vocab, (n,), generator=g).tolist()
+
+    return [seq(*p) for _ in range(B)], [seq(*r) for _ in range(B)], [seq(*r) for _ in range(B)]
+
+
+def unpacked_logits_batch(model, P, C, R):
+    """TRL-style reference batch: each prompt+response run on its own, logits padded into [2B, L, V]."""
+    seqs = [(p, c) for p, c in zip(P, C)] + [(p, r) for p, r in zip(P, R)]
+    L = max(len(p) + len(x) for p, x in seqs)
+    logits, labels = [], []
+    for p, x in seqs:
+        out = model(input_ids=torch.tensor([p + x])).logits[0]
+        pad = L - out.shape[0]
+        logits.append(torch.cat([out, out.new_zeros(pad, out.shape[1])]))
+        labels.append(torch.tensor([-100] * len(p) + x + [-100] * pad))
+    return torch.stack(logits), torch.stack(labels)
+
+
+def assert_outputs_close(a, b, rtol=1e-5):
+    for f in ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "losses",
+              "chosen_rewards", "rejected_rewards"):
+        x, y = getattr(a, f), getattr(b, f)
+        if x is None or y is None:
+            assert x is None and y is None, f
+            continue
+        torch.testing.assert_close(x, y, rtol=rtol, atol=1e-6, msg=f)
+    torch.testing.assert_close(a.loss, b.loss, rtol=rtol, atol=1e-6)
+    assert torch.equal(a.chosen_lengths, b.chosen_lengths) and torch.equal(a.rejected_lengths, b.rejected_lengths)
+    for k in a.metrics:
+        torch.testing.assert_close(a.metrics[k], b.metrics[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("impl,shared", [("sdpa", True), ("sdpa", False), ("eager", True), ("eager", False)])
+def test_model_loss_equals_loss_on_unpacked_logits(impl, shared):
+    policy, ref = tiny_llama(impl, seed=0), tiny_llama("sdpa", seed=1)
+    P, C, R = random_pairs(5, seed=2)
+    batch = pack_pairs(P, C, R, max_tokens=40, shared_prompt=shared)
+    assert batch.report.num_rows < 5  # several pairs per row
+
+    out = model_loss(policy, batch, ref_model=ref, beta=0.2)
+    out.loss.backward()
+    g_packed = grads(policy)
+    policy.zero_grad()
+
+    logits, labels = unpacked_logits_batch(policy, P, C, R)
+    with torch.no_grad():
+        ref_logits, _ = unpacked_logits_batch(ref, P, C, R)
+    want = fastdpo.loss(logits=logits, labels=labels, ref_logits=ref_logits, beta=0.2)
+    want.loss.backward()
+    g_unpacked = grads(policy)
+
+    assert_outputs_close(out, want)
+    # float64 spot check of the policy log-probs, independent of fastdpo
+    lp = logits.detach().double()[:, :-1].log_softmax(-1)
+    lab = labels[:, 1:]
+    tok = lp.gather(-1, lab.clamp(min=0)[..., None])[..., 0].masked_fill(lab == -100, 0).sum(1)
+    torch.testing.assert_close(torch.cat([out.chosen_logps, out.rejected_logps]).double(), tok, rtol=1e-5, atol=0)
+    assert set(g_packed) == set(g_unpacked) and len(g_packed) > 10
+    for n in g_packed:
+        torch.testing.assert_close(g_packed[n], g_unpacked[n], rtol=1e-3, atol=1e-6, msg=n)
+    assert all(p.grad is None for p in ref.parameters())
+
+
+def test_no_logits_materialised(monkeypatch):
+    policy, ref = tiny_llama(seed=0), tiny_llama(seed=1)
+    P, C, R = random_pairs(3, seed=3)
+    batch = pack_pairs(P, C, R, max_tokens=64)
+    calls = []
+    for m in (policy, ref):
+        m.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    model_loss(policy, batch, ref_model=ref).loss.backward()
+    assert calls == []
+
+
+def test_forward_hidden_matches_model_logits():
+    model = tiny_llama("eager")
+    P, C, R = random_pairs(4, seed=4)
+    batch = pack_pairs(P, C, R, max_tokens=48)
+    with torch.no_grad():
+        h = forward_hidden(model, batch)
+        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                       attention_mask=batch.eager_mask()).logits
+    torch.testing.assert_close(model.lm_head(h), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_ref_logps_and_reference_free():
+    policy, ref = tiny_llama(seed=0), tiny_llama(seed=1)
+    P, C, R = random_pairs(4, seed=5)
+    batch = pack_pairs(P, C, R, max_tokens=48)
+    with_model = model_loss(policy, batch, ref_model=ref)
+    ref_logps = torch.cat([with_model.ref_chosen_logps, with_model.ref_rejected_logps]).detach()
+    with_logps = model_loss(policy, batch, ref_logps=ref_logps)
+    assert_outputs_close(with_model, with_logps)
+    free = model_loss(policy, batch, reference_free=True)
+    torch.testing.assert_close(free.chosen_rewards, 0.1 * with_model.chosen_logps)
+    with pytest.raises(ValueError, match="ref_logps must have shape"):
+        model_loss(policy, batch, ref_logps=ref_logps[:-1])
+    with pytest.raises(ValueError, match="needs the reference"):
+        model_loss(policy, batch)
+
+
+class FakePeft(torch.nn.Module):
+    """Minimal PEFT stand-in: a low-rank delta on one projection, disable_adapter() context, get_base_model()."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.base = lm
+        self.A = torch.nn.Parameter(torch.randn(64, 4) * 0.3)
+        self.B = torch.nn.Parameter(torch.randn(4, 64) * 0.3)
+        self.enabled = True
+        lm.model.layers[0].self_attn.o_proj.register_forward_hook(
+            lambda mod, inp, out: out + (inp[0] @ self.A @ self.B if self.enabled else 0))
+
+    def get_base_model(self):
+        return self.base
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = True
+
+
+def test_ref_adapter_disabled():
+    base = tiny_llama(seed=0)
+    ref = copy.deepcopy(base)
+    base.requires_grad_(False)
+    peft = FakePeft(base)
+    P, C, R = random_pairs(4, seed=6)
+    batch = pack_pairs(P, C, R, max_tokens=48)
+    out = model_loss(peft, batch, ref_adapter_disabled=True)
+    want = model_loss(peft, batch, ref_model=ref)
+    assert_outputs_close(out, want)
+    assert not torch.allclose(out.chosen_logps, out.ref_chosen_logps)  # the adapter does something
+    out.loss.backward()
+    assert peft.A.grad is not None and peft.A.grad.abs().sum() > 0 and peft.enabled
+    with pytest.raises(ValueError, match="disable_adapter"):
+        model_loss(base, batch, ref_adapter_disabled=True)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "cohere", "mistral"])
+def test_other_architectures(arch):
+    """Config transforms (Gemma 2 final_logit_softcapping, Cohere logit_scale) and sliding windows
+    (Gemma 2 alternating layers, Mistral global window) against unpacked runs of the real model."""
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128)
+    torch.manual_seed(0)
+    if arch == "gemma2":
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+        cfg = Gemma2Config(**common, head_dim=8, sliding_window=4, final_logit_softcapping=2.0,
+                           attn_logit_softcapping=None, attn_implementation="eager")
+        make = lambda: Gemma2ForCausalLM(cfg).eval()  # noqa: E731
+    elif arch == "cohere":
+        from transformers import CohereConfig, CohereForCausalLM
+        cfg = CohereConfig(**common, logit_scale=0.5, attn_implementation="sdpa")
+        make = lambda: CohereForCausalLM(cfg).eval()  # noqa: E731
+    else:
+        from transformers import MistralConfig, MistralForCausalLM
+        cfg = MistralConfig(**common, sliding_window=3, attn_implementation="sdpa")
+        make = lambda: MistralForCausalLM(cfg).eval()  # noqa: E731
+    policy = make()
+    head = lm_head_params(policy)
+    if arch == "gemma2":
+        assert head["softcap"] == 2.0
+        assert set(attention_inputs(policy, pack_pairs([[1]], [[2]], [[3]], max_tokens=8))["attention_mask"]) == {
+            "full_attention", "sliding_attention"}
+    if arch == "cohere":
+        assert head["logit_scale"] == 0.5
+    P, C, R = random_pairs(4, seed=7, p=(4, 9), r=(3, 7))  # longer than the sliding windows
+    batch = pack_pairs(P, C, R, max_tokens=64, shared_prompt=True)
+    out = model_loss(policy, batch, reference_free=True)
+    logits, labels = unpacked_logits_batch(policy, P, C, R)
+    want = fastdpo.loss(logits=logits, labels=labels, reference_free=True)
+    torch.testing.assert_close(out.chosen_logps, want.chosen_logps, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.rejected_logps, want.rejected_logps, rtol=1e-5, atol=1e-6)
+
+
+def test_ref_with_other_transform_is_scored_on_its_own():
+    """Policy without softcap, reference with softcap: the reference goes through sequence_logps itself."""
+    policy, ref = tiny_llama(seed=0), tiny_llama(seed=1)
+    ref.config.final_logit_softcapping = 3.0  # Llama ignores it in forward; compare against the formula
+    P, C, R = random_pairs(3, seed=8)
+    batch = pack_pairs(P, C, R, max_tokens=48)
+    out = model_loss(policy, batch, ref_model=ref)
+    with torch.no_grad():
+        logits, labels = unpacked_logits_batch(ref, P, C, R)
+    want = fastdpo.loss(logits=3.0 * torch.tanh(logits / 3.0), labels=labels, reference_free=True)
+    torch.testing.assert_close(out.ref_chosen_logps, want.chosen_logps, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+def test_errors():
+    policy = tiny_llama(seed=0)
+    P, C, R = random_pairs(3, seed=9)
+    batch = pack_pairs(P, C, R, max_tokens=48)
+    torch.manual_seed(0)
+    bare = LlamaModel(LlamaConfig(**TINY))
+    with pytest.raises(ValueError, match="no output embedding"):
+        model_loss(bare, batch, reference_free=True)
+    other_vocab = tiny_llama(seed=1, vocab_size=VOCAB * 2)
+    with pytest.raises(ValueError, match=r"ref_model vocabulary size 256 != model vocabulary size 128"):
+        model_loss(policy, batch, ref_model=other_vocab)
+    big = pack_pairs([[1, 500]], [[2]], [[3]], max_tokens=8)
+    with pytest.raises(ValueError, match="token id 500 outside"):
+        model_loss(policy, big, reference_free=True)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        pack_pairs([[1]], [[2]], [[500]], max_tokens=8, vocab_size=policy.config.vocab_size)
+    with pytest.raises(ValueError, match=r"chosen\[1\] is empty"):
+        pack_pairs([[1], [2]], [[3], []], [[4], [5]], max_tokens=8)
+    with pytest.raises(ValueError, match=r"prompts\[0\] is empty"):
+        pack_pairs([[]], [[3]], [[4]], max_tokens=8)
+    with pytest.raises(ValueError, match="pair 0 needs 12 tokens"):
+        pack_pairs([[1] * 5], [[2] * 3], [[3] * 3], max_tokens=8, truncation="error")
+    with pytest.raises(ValueError, match="same length"):
+        pack_pairs([[1], [2]], [[3]], [[4], [5]], max_tokens=8)
+    with pytest.raises(ValueError, match="PackedBatch"):
+        model_loss(policy, {"input_ids": batch.input_ids}, reference_free=True)
+    with pytest.raises(ValueError, match="only one of"):
+        model_loss(policy, batch, ref_model=policy, ref_logps=torch.zeros(6))
+    with pytest.raises(ValueError, match="sets 'labels' itself"):
+        model_loss(policy, batch, reference_free=True, labels=batch.labels)
+
+
+def test_attention_inputs_per_implementation():
+    P, C, R = random_pairs(2, seed=10)
+    shared = pack_pairs(P, C, R, max_tokens=48, shared_prompt=True)
+    sep = pack_pairs(P, C, R, max_tokens=48, shared_prompt=False)
+    sdpa, eager = tiny_llama("sdpa"), tiny_llama("eager")
+    m = attention_inputs(sdpa, shared)["attention_mask"]
+    assert m.dtype == torch.bool and torch.equal(m, shared.attention_mask)
+    e = attention_inputs(eager, shared)["attention_mask"]
+    assert e.dtype == torch.float32 and torch.equal(e == 0, shared.attention_mask)
+    fake = copy.copy(sdpa)
+    fake.config = copy.deepcopy(sdpa.config)
+    fake.config.__dict__["_attn_implementation_internal"] = "flash_attention_2"
+    assert fake.config._attn_implementation == "flash_attention_2"
+    kw = attention_inputs(fake, sep)
+    assert kw["attention_mask"] is None and torch.equal(kw["cu_seq_lens_q"], sep.cu_seqlens)
+    assert kw["max_length_q"] == sep.max_seqlen
+    with pytest.raises(ValueError, match="shared-prompt"):
+        attention_inputs(fake, shared)
+    fake.config.__dict__["_attn_implementation_internal"] = "paged|sdpa"
+    with pytest.raises(ValueError, match="not supported for packed batches"):
+        attention_inputs(fake, sep)
+
+
+# ------------------------------------------------------------------------------------------------ example
+
+def test_example_runs():
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    res = subprocess.run([sys.executable, os.path.join(REPO, "examples", "train_dpo.py"), "--steps", "3",
+                          "--seed", "1"], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [l for l in res.stdout.splitlines() if l.startswith("step")]
+    assert len(lines) == 3 and "rewards/chosen" in lines[0] and "acc" in lines[0]
+    assert "done: 3 steps" in res.stdout
