@@ -3,9 +3,14 @@
     out = fastdpo.loss(hidden=h, weight=lm_head.weight, ref_hidden=ref_h, labels=labels, beta=0.1)
     out.loss.backward()
 """
+__version__ = "0.1.0"
+
 from .dpo import DPOOutput, loss
 from .logps import SequenceLogps, sequence_logps
 from .losses import LOSS_TYPES, preference_loss
+from .model import model_loss
+from .packing import PackedBatch, pack_pairs
+from .ref_cache import ReferenceCache
 
-__version__ = "0.1.0"
-__all__ = ["loss", "DPOOutput", "sequence_logps", "SequenceLogps", "preference_loss", "LOSS_TYPES"]
+__all__ = ["loss", "DPOOutput", "sequence_logps", "SequenceLogps", "preference_loss", "LOSS_TYPES",
+           "model_loss", "pack_pairs", "PackedBatch", "ReferenceCache"]
