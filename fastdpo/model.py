@@ -15,9 +15,11 @@ from typing import Any
 
 import torch
 
+from .logps import SequenceLogps, sequence_logps
 from .packing import PackedBatch, flash_attn_varlen_kwargs, flex_block_mask
 
-__all__ = ["model_loss", "forward_hidden", "attention_inputs", "lm_head_params", "unwrap_causal_lm"]
+__all__ = ["model_loss", "model_sequence_logps", "forward_hidden", "attention_inputs", "lm_head_params",
+           "unwrap_causal_lm"]
 
 _SDPA_LIKE = ("sdpa",)
 _EAGER_LIKE = ("eager",)
@@ -161,6 +163,26 @@ def forward_hidden(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
     return hidden
 
 
+def model_sequence_logps(model: torch.nn.Module, batch: PackedBatch, *, backend: str = "auto",
+                         temperature: float = 1.0) -> SequenceLogps:
+    """Per-sequence log-probs (logps [2B] float32, TRL order, and n_tokens [2B]) of a packed batch's responses.
+
+    Runs the backbone (:func:`forward_hidden`) and scores the labels with ``fastdpo.sequence_logps`` in the fused
+    form from the LM head and the config's logit transforms (:func:`lm_head_params`): logits are never
+    materialised. The result is on the model's device. Gradient mode is the caller's: wrap in ``torch.no_grad()``
+    for a reference model.
+    """
+    if not isinstance(batch, PackedBatch):
+        raise ValueError(f"batch must be a fastdpo.packing.PackedBatch (from pack_pairs), got {type(batch).__name__}")
+    lm = unwrap_causal_lm(model)
+    head = lm_head_params(lm)
+    _check_ids(lm, batch, "model")
+    batch = batch.to(head["weight"].device)
+    return sequence_logps(hidden=forward_hidden(lm, batch), labels=batch.labels, seq_ids=batch.seq_ids,
+                          ignore_index=batch.ignore_index, shift=True, num_sequences=batch.num_sequences,
+                          temperature=temperature, backend=backend, **head)
+
+
 @contextlib.contextmanager
 def _adapters_disabled(model):
     if hasattr(model, "disable_adapter") and callable(model.disable_adapter):  # PEFT PeftModel
@@ -228,15 +250,14 @@ def model_loss(
                              f"{head['weight'].shape[0]}")
         _check_ids(ref_lm, batch, "ref_model")
         with torch.no_grad():
-            ref_hidden = forward_hidden(ref_lm, batch).to(dev)  # ref_model may live on another device
-            ref_head = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in ref_head.items()}
-        if (ref_head["logit_scale"], ref_head["softcap"]) == (head["logit_scale"], head["softcap"]):
-            ref_kw = dict(ref_hidden=ref_hidden, ref_weight=ref_head["weight"].detach(),
-                          ref_bias=None if ref_head["bias"] is None else ref_head["bias"].detach())
-        else:  # different logit transforms: score the reference on its own
-            with torch.no_grad():
-                ref_kw = dict(ref_logps=_ref_sequence_logps(fastdpo, ref_hidden, ref_head, batch, common,
-                                                            loss_kwargs.get("temperature", 1.0)))
+            if (ref_head["logit_scale"], ref_head["softcap"]) == (head["logit_scale"], head["softcap"]):
+                ref_hidden = forward_hidden(ref_lm, batch).to(dev)  # ref_model may live on another device
+                ref_kw = dict(ref_hidden=ref_hidden, ref_weight=ref_head["weight"].detach().to(dev),
+                              ref_bias=None if ref_head["bias"] is None else ref_head["bias"].detach().to(dev))
+            else:  # different logit transforms: score the reference on its own
+                ref = model_sequence_logps(ref_lm, batch, backend=backend,
+                                           temperature=loss_kwargs.get("temperature", 1.0))
+                ref_kw = dict(ref_logps=ref.logps.to(dev))
     elif ref_adapter_disabled:
         with torch.no_grad(), _adapters_disabled(model):
             ref_hidden = forward_hidden(lm, batch)
@@ -256,13 +277,3 @@ def model_loss(
         transforms["softcap"] = head["softcap"]
     return fastdpo.loss(hidden=hidden, weight=head["weight"], bias=head["bias"], **ref_kw, **common,
                         **transforms, **loss_kwargs)
-
-
-def _ref_sequence_logps(fastdpo, ref_hidden, ref_head, batch, common, temperature):
-    res = fastdpo.sequence_logps(
-        hidden=ref_hidden, weight=ref_head["weight"], bias=ref_head["bias"], labels=common["labels"],
-        seq_ids=common["seq_ids"], ignore_index=common["ignore_index"], shift=True,
-        num_sequences=batch.num_sequences, logit_scale=ref_head["logit_scale"], softcap=ref_head["softcap"],
-        temperature=temperature, backend=common["backend"],
-    )
-    return res.logps

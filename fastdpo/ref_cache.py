@@ -35,8 +35,8 @@ What is checked, and how (nothing stale is ever returned silently):
   (:class:`CorruptReferenceCacheError`).
 
 The log-probs come from ``compute_fn(batch_pairs) -> (chosen [b], rejected [b])``; with a model
-instead, :func:`make_compute_fn` runs it under ``torch.no_grad`` and scores the completions with
-``fastdpo.sequence_logps`` in the fused hidden/LM-head form. They are whatever compute_fn returns
+instead, :func:`make_compute_fn` packs the pairs (``fastdpo.packing.pack_pairs``, shared prompt) and
+scores the completions with ``fastdpo.model.model_sequence_logps`` under ``torch.no_grad``. They are whatever compute_fn returns
 (sums over completion tokens for the default); the cache does not know about truncation or
 scaling done at training time, so build it with the same ids the trainer sees.
 """
@@ -51,6 +51,10 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from . import __version__
+from .model import model_sequence_logps
+from .packing import pack_pairs, pair_length
+
 __all__ = [
     "ReferenceCache",
     "ReferenceCacheError",
@@ -60,7 +64,6 @@ __all__ = [
     "dataset_hash",
     "weights_fingerprint",
     "make_compute_fn",
-    "collate_pairs",
 ]
 
 FORMAT_NAME = "fastdpo.ref_cache"
@@ -198,146 +201,28 @@ def _payload_hash(tensors: dict) -> str:
     return h.hexdigest()
 
 
-def _fastdpo_version() -> str:
-    try:
-        import fastdpo
-
-        v = getattr(fastdpo, "__version__", None)
-        if v:
-            return str(v)
-    except Exception:  # pragma: no cover - package half-imported
-        pass
-    try:
-        from importlib.metadata import version
-
-        return version("fastdpo")
-    except Exception:  # pragma: no cover
-        return "unknown"
-
-
 # ----------------------------------------------------------------------------------------------
 # default compute function
 
 
-def collate_pairs(pairs: Sequence[Any], *, pad_token_id: int = 0, ignore_index: int = -100,
-                  device: Any = None) -> dict:
-    """Unpacked TRL-order batch of 2b rows (b chosen, then b rejected), right padded.
-
-    Returns input_ids [2b, T], attention_mask [2b, T] and labels [2b, T] (HF style, unshifted,
-    ``ignore_index`` on prompt and padding).
-    """
-    import numpy as np
-
-    split = [_split_pair(p) for p in pairs]
-    rows = [(pr, ch) for pr, ch, _ in split] + [(pr, rj) for pr, _, rj in split]
-    T = max(max(len(pr) + len(c) for pr, c in rows), 1)
-    n = len(rows)
-    input_ids = torch.full((n, T), pad_token_id, dtype=torch.long)
-    labels = torch.full((n, T), ignore_index, dtype=torch.long)
-    mask = torch.zeros((n, T), dtype=torch.long)
-    for r, (pr, c) in enumerate(rows):
-        ids = torch.from_numpy(np.concatenate([pr, c]))
-        L = len(ids)
-        input_ids[r, :L] = ids
-        mask[r, :L] = 1
-        labels[r, len(pr):L] = ids[len(pr):]
-    out = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-    if device is not None:
-        out = {k: v.to(device) for k, v in out.items()}
-    return out
-
-
-def _lm_head_scaling(config: Any) -> dict:
-    """sequence_logps kwargs reproducing a HF model's logit post-processing (where known)."""
-    kw: dict = {}
-    if config is None:
-        return kw
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    scale = 1.0
-    if getattr(config, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
-        scale *= float(config.logit_scale)
-    if getattr(config, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
-        scale /= float(config.logits_scaling)
-    if scale != 1.0:
-        kw["logit_scale"] = scale
-    cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
-    if cap:
-        kw["softcap"] = float(cap)
-    return kw
-
-
-def _fused_parts(model: torch.nn.Module):
-    """(backbone, LM-head kwargs for sequence_logps) of a HF causal LM, or None if not found.
-
-    Uses fastdpo.model's helpers (PEFT unwrapping, config logit transforms) when that module is
-    there, else get_decoder() / base_model_prefix and the config attributes directly.
-    """
-    try:
-        from .model import lm_head_params, unwrap_causal_lm
-    except ImportError:
-        lm_head_params = unwrap_causal_lm = None
-    try:
-        if lm_head_params is not None:
-            lm = unwrap_causal_lm(model)
-            p = lm_head_params(lm)
-            head = {"weight": p["weight"], "bias": p["bias"]}
-            if p.get("logit_scale", 1.0) != 1.0:
-                head["logit_scale"] = p["logit_scale"]
-            if p.get("softcap"):
-                head["softcap"] = p["softcap"]
-        else:
-            lm = model
-            out = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-            if out is None or not isinstance(getattr(out, "weight", None), torch.Tensor):
-                return None
-            head = {"weight": out.weight, "bias": getattr(out, "bias", None),
-                    **_lm_head_scaling(getattr(lm, "config", None))}
-    except ValueError:
-        return None
-    base = lm.get_decoder() if hasattr(lm, "get_decoder") else None
-    if not isinstance(base, torch.nn.Module) or base is lm:
-        base = getattr(lm, getattr(lm, "base_model_prefix", "") or "model", None)
-    if not isinstance(base, torch.nn.Module) or base is lm:
-        return None
-    return base, head
-
-
-def make_compute_fn(model: torch.nn.Module, *, pad_token_id: int = 0, fused: bool = True,
-                    device: Any = None) -> Callable[[Sequence[Any]], "tuple[torch.Tensor, torch.Tensor]"]:
+def make_compute_fn(model: torch.nn.Module, *, pad_token_id: int = 0
+                    ) -> Callable[[Sequence[Any]], "tuple[torch.Tensor, torch.Tensor]"]:
     """compute_fn for a Hugging Face causal LM.
 
-    Runs the model under ``torch.no_grad`` on unpacked right-padded rows (:func:`collate_pairs`)
-    and scores the completion tokens with ``fastdpo.sequence_logps``: with ``fused=True``
-    (default) in the hidden/weight form from the backbone's last hidden state and the LM head
-    (logits never materialised; Cohere/Granite logit scaling and Gemma final soft-capping are
-    taken from the config), else from the model's logits. Returns float32 (chosen [b],
-    rejected [b]) sums on the CPU. Train/eval mode is left to the caller (use eval for a reference).
+    Packs the batch's pairs with :func:`fastdpo.packing.pack_pairs` (shared prompt, rows long enough for the
+    longest pair) and scores them with :func:`fastdpo.model.model_sequence_logps` under ``torch.no_grad``
+    (fused hidden/LM-head form, logits never materialised; config logit transforms applied). Returns float32
+    (chosen [b], rejected [b]) sums on the CPU. Train/eval mode is left to the caller (use eval for a reference).
     """
-    if device is None:
-        p = next(iter(model.parameters()), None)
-        device = p.device if p is not None else torch.device("cpu")
-    use_fused = fused and _fused_parts(model) is not None
-    if fused and not use_fused:
-        warnings.warn("make_compute_fn: no backbone / LM head found, scoring the model's logits instead")
 
     def compute(batch_pairs: Sequence[Any]):
-        import fastdpo
-
-        b = len(batch_pairs)
-        batch = collate_pairs(batch_pairs, pad_token_id=pad_token_id, device=device)
+        prompts, chosen, rejected = zip(*(_split_pair(p) for p in batch_pairs))
+        longest = max(pair_length(len(p), len(c), len(r), True) for p, c, r in zip(prompts, chosen, rejected))
+        batch = pack_pairs(prompts, chosen, rejected, shared_prompt=True, max_tokens=max(longest, 4),
+                           pad_token_id=pad_token_id)
         with torch.no_grad():
-            if use_fused:
-                base, head = _fused_parts(model)  # looked up per call: the model may have moved
-                hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              use_cache=False)
-                hidden = hidden[0] if isinstance(hidden, (tuple, list)) else hidden.last_hidden_state
-                res = fastdpo.sequence_logps(hidden=hidden, labels=batch["labels"], **head)
-            else:
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               use_cache=False).logits
-                res = fastdpo.sequence_logps(logits, batch["labels"])
-        logps = res.logps.detach().float().cpu()
+            logps = model_sequence_logps(model, batch).logps.float().cpu()
+        b = len(batch_pairs)
         return logps[:b], logps[b:]
 
     return compute
@@ -352,7 +237,7 @@ def _progress(total: int, enabled: bool, desc: str):
         return None
     try:
         from tqdm.auto import tqdm
-    except Exception:
+    except ImportError:
         return None
     return tqdm(total=total, desc=desc, unit="pair")
 
@@ -470,7 +355,7 @@ class ReferenceCache:
         meta = {
             "format": FORMAT_NAME,
             "format_version": str(FORMAT_VERSION),
-            "fastdpo_version": _fastdpo_version(),
+            "fastdpo_version": __version__,
             "torch_version": torch.__version__,
             "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "num_pairs": str(P),
@@ -546,7 +431,7 @@ class ReferenceCache:
             raise CorruptReferenceCacheError(f"{path}: bad format_version {meta.get('format_version')!r}") from None
         if version != FORMAT_VERSION:
             raise CorruptReferenceCacheError(
-                f"{path}: reference cache format version {version}, this fastdpo ({_fastdpo_version()}) "
+                f"{path}: reference cache format version {version}, this fastdpo ({__version__}) "
                 f"reads version {FORMAT_VERSION}; rebuild the cache")
         keys_t, c, r = tensors["pair_keys"], tensors["chosen_logps"], tensors["rejected_logps"]
         P = c.shape[0] if c.dim() == 1 else -1

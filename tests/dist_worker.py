@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 import fastdpo
-from fastdpo.ref_cache import ReferenceCache, collate_pairs
+from fastdpo.ref_cache import ReferenceCache
 
 VOCAB, GLOBAL_PAIRS, BETA = 96, 8, 0.1
 RTOL, ATOL = 1e-5, 1e-6  # fp32; gradient norm is ~1.7, entries up to ~0.3
@@ -72,6 +72,21 @@ class DPOPolicy(torch.nn.Module):
             logits = self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
             out = fastdpo.loss(logits, labels, ref_logits=ref_logits, beta=BETA)
         return out.loss
+
+
+def collate_pairs(pairs):
+    """TRL-order padded batch: b chosen rows then b rejected rows, right padded, labels -100 on prompt/padding."""
+    rows = [(p["prompt_input_ids"], p[k]) for k in ("chosen_input_ids", "rejected_input_ids") for p in pairs]
+    T = max(len(pr) + len(c) for pr, c in rows)
+    batch = {"input_ids": torch.zeros(len(rows), T, dtype=torch.long),
+             "attention_mask": torch.zeros(len(rows), T, dtype=torch.long),
+             "labels": torch.full((len(rows), T), -100, dtype=torch.long)}
+    for r, (pr, c) in enumerate(rows):
+        n = len(pr) + len(c)
+        batch["input_ids"][r, :n] = torch.tensor(pr + c)
+        batch["attention_mask"][r, :n] = 1
+        batch["labels"][r, len(pr):n] = torch.tensor(c)
+    return batch
 
 
 def reference_inputs(ref_model, cache, pairs):

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import fastdpo
-from fastdpo.model import attention_inputs, forward_hidden, lm_head_params, model_loss
+from fastdpo.model import attention_inputs, forward_hidden, lm_head_params, model_loss, model_sequence_logps
 from fastdpo.packing import pack_pairs
+from reference import sequence_logps_f64
 
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel  # noqa: E402
 
@@ -117,6 +118,23 @@ def test_forward_hidden_matches_model_logits():
         logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
                        attention_mask=batch.eager_mask()).logits
     torch.testing.assert_close(model.lm_head(h), logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_model_sequence_logps_equals_unpacked_f64(shared):
+    model = tiny_llama(seed=0)
+    P, C, R = random_pairs(4, seed=11)
+    batch = pack_pairs(P, C, R, max_tokens=40, shared_prompt=shared)
+    calls = []
+    model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    res = model_sequence_logps(model, batch)
+    assert calls == [] and res.logps.dtype == torch.float32 and res.logps.requires_grad  # grad mode is the caller's
+    with torch.no_grad():
+        logits, labels = unpacked_logits_batch(model, P, C, R)
+        assert not model_sequence_logps(model, batch).logps.requires_grad
+    want, n_tokens = sequence_logps_f64(logits, labels)
+    torch.testing.assert_close(res.logps.detach().double(), want, rtol=1e-5, atol=0)
+    assert torch.equal(res.n_tokens, n_tokens)
 
 
 def test_ref_logps_and_reference_free():

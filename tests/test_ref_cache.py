@@ -5,12 +5,12 @@ import sys
 import pytest
 import torch
 
-import fastdpo
+from fastdpo.model import model_loss
+from fastdpo.packing import pack_pairs
 from fastdpo.ref_cache import (
     CorruptReferenceCacheError,
     ReferenceCache,
     StaleReferenceCacheError,
-    collate_pairs,
     dataset_hash,
     make_compute_fn,
     pair_key,
@@ -195,23 +195,11 @@ def test_default_compute_fn_matches_direct_computation(tmp_path):
         dc, dr = direct_logps(model, p)
         assert torch.allclose(c[i].double(), dc, rtol=1e-5, atol=1e-5), (i, c[i].item(), dc.item())
         assert torch.allclose(r[i].double(), dr, rtol=1e-5, atol=1e-5), (i, r[i].item(), dr.item())
-    # freshly computed with the logits path on a differently composed batch agrees too
-    fc, fr = make_compute_fn(model, fused=False)(pairs[1:4])
+    # freshly computed on a differently composed batch agrees too
+    fc, fr = make_compute_fn(model)(pairs[1:4])
     c, r = loaded.lookup(pairs[1:4])
     torch.testing.assert_close(fc, c, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fr, r, rtol=1e-5, atol=1e-5)
-
-
-def test_default_compute_fn_without_fastdpo_model_helpers(monkeypatch):
-    model = tiny_llama()
-    pairs = make_pairs(3, seed=4)
-    with_helpers = make_compute_fn(model)(pairs)
-    monkeypatch.setitem(sys.modules, "fastdpo.model", None)  # its own backbone / LM-head lookup
-    without = make_compute_fn(model)(pairs)
-    for a, b, p in zip(with_helpers, without, ("chosen", "rejected")):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=p)
-    dc, dr = direct_logps(model, pairs[0])
-    assert abs(without[0][0].item() - dc.item()) < 1e-4 and abs(without[1][0].item() - dr.item()) < 1e-4
 
 
 def test_stale_weights_detected(tmp_path):
@@ -328,25 +316,15 @@ def test_progress_bar_and_fallback_without_tqdm(monkeypatch, capsys):
     assert len(c) == 5 and capsys.readouterr().err == ""
 
 
-def test_collate_pairs_trl_layout():
-    pairs = [([1, 2], [3], [4, 5, 6]), ([7], [8, 9], [10])]
-    b = collate_pairs(pairs, pad_token_id=0)
-    assert b["input_ids"].tolist() == [[1, 2, 3, 0, 0], [7, 8, 9, 0, 0], [1, 2, 4, 5, 6], [7, 10, 0, 0, 0]]
-    assert b["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
-    assert b["labels"].tolist() == [[-100, -100, 3, -100, -100], [-100, 8, 9, -100, -100],
-                                    [-100, -100, 4, 5, 6], [-100, 10, -100, -100, -100]]
-
-
 def test_cached_ref_logps_feed_fastdpo_loss():
     ref, policy = tiny_llama(seed=0), tiny_llama(seed=1)
     pairs = make_pairs(4, seed=7)
     cache = ReferenceCache.build(pairs, ref, batch_size=2, progress=False)
-    batch = collate_pairs(pairs)
+    P, C, R = ([p[k] for p in pairs] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"))
+    batch = pack_pairs(P, C, R, max_tokens=64)
     with torch.no_grad():
-        logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        ref_logits = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    a = fastdpo.loss(logits, batch["labels"], ref_logps=cache.ref_logps(pairs), beta=0.1)
-    b = fastdpo.loss(logits, batch["labels"], ref_logits=ref_logits, beta=0.1)
-    torch.testing.assert_close(a.losses, b.losses, rtol=1e-5, atol=1e-6)
-    shifted = cache.ref_logps(pairs) + torch.tensor([1.0] * 4 + [0.0] * 4)  # a stale chosen block must show
-    assert not torch.allclose(a.losses, fastdpo.loss(logits, batch["labels"], ref_logps=shifted).losses)
+        a = model_loss(policy, batch, ref_logps=cache.ref_logps(pairs), beta=0.1)
+        b = model_loss(policy, batch, ref_model=ref, beta=0.1)
+        torch.testing.assert_close(a.losses, b.losses, rtol=1e-5, atol=1e-6)
+        shifted = cache.ref_logps(pairs) + torch.tensor([1.0] * 4 + [0.0] * 4)  # a stale chosen block must show
+        assert not torch.allclose(a.losses, model_loss(policy, batch, ref_logps=shifted).losses)
