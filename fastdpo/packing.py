@@ -320,7 +320,7 @@ def pack_pairs(
         raise ValueError("pack_pairs needs at least one preference pair")
     if truncation not in TRUNCATION_POLICIES:
         raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < (4 if shared_prompt else 4):
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 4:
         raise ValueError(f"max_tokens must be an int >= 4, got {max_tokens!r}")
     if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
         raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
