@@ -157,7 +157,8 @@ def linear_logps_backward(hidden, weight, bias, rows, targets, lse, grad_rows, *
         grad_h = torch.zeros_like(h)
         for begin, end in head.vocab_tiles:
             z = head.logits(h, begin, end)
-            grad_z = (z - row_lse[:, None]).exp_().mul_(-g[:, None])  # g * (onehot - softmax), onehot below
+            grad_z = z.clone() if softcap is not None else z  # soft-capping's chain rule needs z itself
+            grad_z.sub_(row_lse[:, None]).exp_().mul_(-g[:, None])  # g * (onehot - softmax), onehot below
             inside, cols = _targets_in_tile(tgt, begin, end)
             grad_z[inside, cols] += g[inside]
             head.chain_(grad_z, z)
