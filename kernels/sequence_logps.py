@@ -107,7 +107,9 @@ def row_logps_backward(logits, targets, lse, grad_rows, out=None):
 def _aot_specs():
     specs = []
     for dtype in ("fp32", "bf16"):
-        common = {"num_warps": NUM_WARPS, "num_stages": 3, "constexprs": {"BLOCK_V": MAX_BLOCK_V}}
+        common = {"num_warps": NUM_WARPS, "num_stages": 3, "constexprs": {"BLOCK_V": MAX_BLOCK_V},
+                  # aligned rows (V % 16 == 0: 32000, 128256, 151936, 262144, ...), as the JIT specialises
+                  "divisible": ("logits_ptr", "stride_logits", "V")}
         specs.append(dict(
             name=f"row_logps_fwd[{dtype}]", fn=_row_logps_fwd_kernel,
             signature={"logits_ptr": f"*{dtype}", "stride_logits": "i64", "targets_ptr": "*i64",
@@ -119,7 +121,7 @@ def _aot_specs():
             signature={"logits_ptr": f"*{dtype}", "stride_logits": "i64", "grad_ptr": f"*{dtype}",
                        "stride_grad": "i64", "targets_ptr": "*i64", "lse_ptr": "*fp32",
                        "grad_rows_ptr": "*fp32", "V": "i32", "BLOCK_V": "constexpr"},
-            **common))
+            **{**common, "divisible": common["divisible"] + ("grad_ptr", "stride_grad")}))
     return specs
 
 

@@ -1,0 +1,334 @@
+"""Markdown tables, results.json and PNG charts from the collected benchmark results.
+
+`results` (what run.py collects and results.json stores):
+  env: machine/version facts
+  heads: {"dtype", "configs": {name: HeadConfig.to_dict()}, "impls": {name: {"label", "group", "scores"}},
+          "cells": {impl: {config: worker result}}, "reference": {config: {"loss"}}}
+  e2e: {"datasets": {dataset: worker result with "layouts"}}
+  roofline: roofline.projection(); roofline_measured (CUDA only): {impl: {config: achieved figures}}
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from e2e import LAYOUT_LABELS, LAYOUTS
+from heads import module_missing
+
+BASELINE = "full_logits"
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def _fmt(x):
+    """ms or MB: three significant digits below 10, whole numbers above."""
+    return f"{x:.3g}" if x < 10 else f"{x:.0f}"
+
+
+def _rel_diff(a, b):
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+def _ok(cell):
+    return cell is not None and cell.get("status") == "ok"
+
+
+# ------------------------------------------------------------------------------------------------------
+# loss head
+def head_cells(heads):
+    return heads.get("cells", {})
+
+
+def rel_err(cell, ref):
+    if not _ok(cell) or ref is None or "loss" not in ref:
+        return None
+    return _rel_diff(cell["loss"], ref["loss"])
+
+
+def head_table(heads) -> str:
+    configs = list(heads["configs"])
+    cells = head_cells(heads)
+    header = ["implementation", "LM head scores"] + [f"{c}: ms / MB" for c in configs] + ["loss err vs fp64"]
+    rows = []
+    for name, meta in heads["impls"].items():
+        row = [meta["label"], meta["scores"]]
+        errs = []
+        for c in configs:
+            cell = cells.get(name, {}).get(c)
+            if _ok(cell):
+                row.append(f"{_fmt(cell['ms'])} / {_fmt(cell['peak_mb'])}")
+                e = rel_err(cell, heads.get("reference", {}).get(c))
+                if e is not None:
+                    errs.append(e)
+            elif cell is None:
+                row.append("—")
+            else:
+                row.append(cell.get("status", "?"))
+        row.append(f"{max(errs):.1e}" if errs else "—")
+        rows.append(row)
+    return md_table(header, rows)
+
+
+def best_peer(cells, config, key):
+    """(impl, value) of the peer with the lowest `key` for `config`, or None."""
+    best = None
+    for name, per_cfg in cells.items():
+        cell = per_cfg.get(config)
+        if per_cfg.get("_group") != "peer" or not _ok(cell):
+            continue
+        if best is None or cell[key] < best[1]:
+            best = (name, cell[key])
+    return best
+
+
+def ratio_rows(heads) -> list[dict]:
+    """fastdpo implementations against the baseline and the best peer of the same run, per config."""
+    cells = {n: {**c, "_group": heads["impls"][n]["group"]} for n, c in head_cells(heads).items()
+             if n in heads["impls"]}
+    out = []
+    for name, meta in heads["impls"].items():
+        if meta["group"] != "fastdpo":
+            continue
+        for c in heads["configs"]:
+            cell = cells.get(name, {}).get(c)
+            if not _ok(cell):
+                continue
+            base = cells.get(BASELINE, {}).get(c)
+            row = {"impl": name, "config": c}
+            if _ok(base):
+                row["time_vs_baseline"] = cell["ms"] / base["ms"]
+                row["mem_vs_baseline"] = cell["peak_mb"] / max(base["peak_mb"], 1e-9)
+            fast, lean = best_peer(cells, c, "ms"), best_peer(cells, c, "peak_mb")
+            if fast:
+                row["fastest_peer"], row["time_vs_fastest_peer"] = fast[0], cell["ms"] / fast[1]
+            if lean:
+                row["leanest_peer"], row["mem_vs_leanest_peer"] = lean[0], cell["peak_mb"] / max(lean[1], 1e-9)
+            out.append(row)
+    return out
+
+
+def ratio_table(heads) -> str:
+    rows = []
+    x = lambda v: "—" if v is None else f"{v:.2f}x"  # noqa: E731
+    for r in ratio_rows(heads):
+        rows.append([r["impl"], r["config"], x(r.get("time_vs_baseline")), x(r.get("mem_vs_baseline")),
+                     f"{x(r.get('time_vs_fastest_peer'))} ({r.get('fastest_peer', '—')})",
+                     f"{x(r.get('mem_vs_leanest_peer'))} ({r.get('leanest_peer', '—')})"])
+    return md_table(["fastdpo", "config", "time / baseline", "memory / baseline", "time / fastest peer",
+                     "memory / leanest peer"], rows)
+
+
+def notes(heads) -> list[str]:
+    out = []
+    for name, meta in heads["impls"].items():
+        seen = set()
+        for c, cell in head_cells(heads).get(name, {}).items():
+            if cell and cell.get("status") != "ok" and cell.get("note") and cell["note"] not in seen:
+                seen.add(cell["note"])
+                out.append(f"- {meta['label']}: {cell['status']}: {cell['note']}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# end to end
+def e2e_table(e2e) -> str:
+    rows = []
+    for ds, res in e2e.get("datasets", {}).items():
+        if not _ok(res):
+            rows.append([ds, "—", res.get("status", "?"), res.get("note", ""), "", "", "", ""])
+            continue
+        base = res["layouts"].get("padded_full_logits")
+        for layout in LAYOUTS:
+            r = res["layouts"].get(layout)
+            if r is None:
+                continue
+            if not _ok(r):
+                rows.append([ds, layout, r.get("status"), r.get("note", ""), "", "", "", ""])
+                continue
+            speed = f"{base['ms'] / r['ms']:.2f}x" if _ok(base) else "—"
+            err = f"{_rel_diff(r['loss'], base['loss']):.1e}" if _ok(base) else "—"
+            rows.append([ds, layout, _fmt(r["ms"]), f"{r['pairs_per_s']:.3g}", f"{r['tokens_per_s']:.0f}",
+                         f"{r['computed_tokens']} ({r['computed_tokens'] / res['data_tokens']:.2f})", speed, err])
+    return md_table(["data set", "layout", "ms / step", "pairs/s", "tokens/s", "tokens computed (/ data)",
+                     "speed-up vs padded full logits", "loss diff vs padded full logits"], rows)
+
+
+def e2e_shapes(e2e) -> str:
+    rows = []
+    for ds, res in e2e.get("datasets", {}).items():
+        if _ok(res):
+            rows.append([ds, res["pairs"], f"{res['mean_prompt']:.0f}", f"{res['mean_response']:.0f}",
+                         f"{res['mean_prompt'] / max(res['mean_response'], 1e-9):.2f}", res["data_tokens"]])
+    return md_table(["data set", "pairs / step", "mean prompt", "mean response", "prompt:response",
+                     "data tokens / step"], rows)
+
+
+# ------------------------------------------------------------------------------------------------------
+# roofline
+def roofline_tables(proj) -> str:
+    s, gpu = proj["shape"], proj["gpu"]
+    head = (f"Projection for {gpu['name']} ({gpu['bw'] / 1e12:.2f} TB/s HBM, {gpu['flops'] / 1e12:.0f} TFLOP/s dense "
+            f"bf16), Llama-3-8B LM head (D = {s['hidden']}, V = {s['vocab']}), bf16 inputs; one DPO loss-head step "
+            f"= {s['pairs']} pairs x {s['n_all'] // (2 * s['pairs'])} tokens ({s['n_all']} positions, "
+            f"{s['n_completion']} with a target).")
+    rows = []
+    for r in proj["algorithms"]:
+        t = r["per_token"]
+        rows.append([r["label"], r["scores"], f"{t['policy_fwd_mflop']:.0f} / {t['policy_fwd_kb']:.0f}",
+                     f"{t['policy_bwd_mflop']:.0f} / {t['policy_bwd_kb']:.0f}",
+                     f"{t['ref_fwd_mflop']:.0f} / {t['ref_fwd_kb']:.0f}",
+                     f"{r['gflop'] / 1e3:.1f}", f"{r['gb']:.1f}", f"{r['compute_ms']:.1f}", f"{r['memory_ms']:.1f}",
+                     f"**{r['floor_ms']:.1f}** ({r['bound']})",
+                     f"{r['tile_memory_ms']:.0f}" if r["tile_gb"] > r["gb"] * 1.01 else "—"])
+    algo = md_table(["algorithm", "positions through the head", "policy fwd MFLOP / KB per position",
+                     "policy bwd MFLOP / KB", "ref fwd MFLOP / KB", "TFLOP / step", "GB / step", "compute ms",
+                     "memory ms", "floor ms", "tile-level memory ms (no L2 reuse)"], rows)
+    krows = [[k["kernel"], f"{k['mflop_per_token']:.0f}", f"{k['kb_per_token']:.0f}", f"{k['tile_kb_per_token']:.0f}",
+              f"{k['floor_us_per_1k_tokens']:.0f}", f"{k['tile_us_per_1k_tokens']:.0f}", k["bound"]]
+             for k in proj["kernels"]]
+    kern = md_table(["fastdpo kernel", "MFLOP / token", "KB / token (compulsory)", "KB / token (tile loads)",
+                     "floor µs / 1k tokens", "tile-level µs / 1k tokens", "bound (compulsory)"], krows)
+    return "\n\n".join([head, algo, "Per fastdpo kernel, per token it processes (same step):", kern])
+
+
+def measured_roofline_table(measured) -> str:
+    rows = []
+    for impl, per_cfg in measured.items():
+        for c, m in per_cfg.items():
+            rows.append([impl, c, f"{m['gbps']:.0f} / {m['peak_gbps']:.0f}", f"{m['tflops']:.1f} / {m['peak_tflops']:.0f}",
+                         f"{m['floor_ms']:.3g}", f"{100 * m['of_roofline']:.0f}%"])
+    return md_table(["implementation", "config", "achieved GB/s / peak", "achieved TFLOP/s / peak",
+                     "roofline floor ms", "of roofline"], rows)
+
+
+# ------------------------------------------------------------------------------------------------------
+# whole report
+def env_lines(env) -> list[str]:
+    keys = ["date", "machine", "cpu", "cores", "gpu", "python", "torch", "threads", "transformers", "triton",
+            "fastdpo", "trl", "liger-kernel", "cut-cross-entropy", "matplotlib", "load_before", "load_after"]
+    return [f"- {k}: {env[k]}" for k in keys if env.get(k) not in (None, "")]
+
+
+def markdown(results) -> str:
+    env = results["env"]
+    parts = ["# fastdpo benchmarks", "", *env_lines(env), ""]
+    if env.get("warning"):
+        parts += [f"> **{env['warning']}**", ""]
+    heads = results.get("heads")
+    if heads and heads.get("cells"):
+        cfgs = "; ".join(f"{n} = {c['description']}" for n, c in heads["configs"].items())
+        parts += [f"## DPO loss head ({heads['dtype']}, {env.get('device')})", "",
+                  "One step = policy LM head forward + backward + reference head forward (no_grad), sigmoid loss, "
+                  "beta 0.1. Each cell: median ms / peak extra memory MB, every implementation x config in its own "
+                  f"fresh process. Configs: {cfgs}.", "",
+                  f"Memory: {heads.get('memory_method', '')}, peak over warm-up and timed steps (after a tiny-shape "
+                  "priming step, so lazy imports are not counted).", "",
+                  head_table(heads), "",
+                  "fastdpo scores only completion positions (labels = -100 on the prompt, by design); the peers "
+                  "marked 'all' run the LM head on every position, prompt included, as they do in real use (same "
+                  "loss: prompt labels are -100 for them too). 'loss err' = max relative difference of the loss from "
+                  "float64 over the configs.", ""]
+        rt = ratio_rows(heads)
+        if rt:
+            parts += ["Ratios (same run; < 1 is better for fastdpo):", "", ratio_table(heads), ""]
+        n = notes(heads)
+        if n:
+            parts += ["Not measured:", "", *n, ""]
+    if results.get("roofline_measured"):
+        parts += ["## Measured against the roofline", "", measured_roofline_table(results["roofline_measured"]), ""]
+    e2e = results.get("e2e")
+    if e2e:
+        parts += ["## End-to-end DPO training step", ""]
+        if e2e.get("datasets"):
+            pre = e2e.get("preset", {})
+            parts += [f"Tiny Llama from config (vocab {pre.get('vocab')}, hidden {pre.get('hidden')}, "
+                      f"{pre.get('layers')} layers, {pre.get('dtype')}, random init), AdamW step included (lr 0, so "
+                      "all layouts see the same weights and must give the same loss). Layouts: "
+                      + "; ".join(f"`{k}` = {v}" for k, v in LAYOUT_LABELS.items()) + ". tokens/s counts the data "
+                      "(prompt twice + chosen + rejected per pair); packing is data preparation, not timed.", "",
+                      e2e_shapes(e2e), "", e2e_table(e2e), ""]
+    if results.get("roofline"):
+        parts += ["## Roofline projection (H100, not measured)", "", roofline_tables(results["roofline"]), "",
+                  "Compulsory bytes: each pass reads its operands once and writes its outputs once; tile-level: "
+                  "what the fused kernels' tile loops load and store with no L2 reuse (weight re-read per token tile, "
+                  "hidden per vocab tile, fp32 accumulators read-modify-written per inner tile), an upper bound. "
+                  "CCE is counted dense (its gradient filter skips tiles). See benchmarks/roofline.py.", ""]
+    if results.get("charts"):
+        parts += ["## Charts", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in results["charts"]]
+        parts.append("")
+    if results.get("chart_note"):
+        parts += [results["chart_note"], ""]
+    return "\n".join(parts)
+
+
+def write_json(results, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+
+
+# ------------------------------------------------------------------------------------------------------
+# charts
+def charts(results, out_dir) -> tuple[list[str], str | None]:
+    """PNG charts; returns (paths, note when matplotlib is missing)."""
+    missing = module_missing("matplotlib", "pip install -e .[bench]")
+    if missing:
+        return [], f"Charts skipped: matplotlib {missing}."
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def save(fig, name):
+        path = os.path.join(out_dir, name)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+
+    paths = []
+    heads = results.get("heads") or {}
+    cells = head_cells(heads)
+    if cells:
+        count = {}
+        for c in heads["configs"].values():
+            count[c["vocab"]] = count.get(c["vocab"], 0) + 1
+        # one panel per vocabulary size that has a curve (2+ configs); all of them when none has
+        vocabs = sorted(v for v, n in count.items() if n > 1) or sorted(count)
+        fig, axes = plt.subplots(1, len(vocabs), figsize=(7 * len(vocabs), 5.5), squeeze=False)
+        for ax, V in zip(axes[0], vocabs):
+            cfgs = sorted((c for c in heads["configs"].values() if c["vocab"] == V), key=lambda c: c["tokens"])
+            for name, meta in heads["impls"].items():
+                pts = [(c["tokens"], cells[name][c["name"]]["peak_mb"]) for c in cfgs
+                       if _ok(cells.get(name, {}).get(c["name"]))]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=meta["label"],
+                            linestyle="-" if meta["group"] == "fastdpo" else "--")
+            ax.set_xlabel("tokens per step (2B sequences x length)")
+            ax.set_ylabel("peak extra memory (MB)")
+            ax.set_title(f"loss-head memory, V = {V} ({heads['dtype']}, {results['env'].get('device')})")
+            ax.grid(alpha=0.3)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
+        fig.tight_layout(rect=(0, 0.05 + 0.03 * ((len(labels) + 1) // 2), 1, 1))
+        save(fig, "memory_vs_tokens.png")
+    e2e = (results.get("e2e") or {}).get("datasets", {})
+    if any(_ok(r) for r in e2e.values()):
+        ds = [d for d, r in e2e.items() if _ok(r)]
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        width = 0.8 / len(LAYOUTS)
+        for i, layout in enumerate(LAYOUTS):
+            vals = [e2e[d]["layouts"].get(layout, {}).get("pairs_per_s", 0) if _ok(e2e[d]["layouts"].get(layout))
+                    else 0 for d in ds]
+            ax.bar([k + i * width for k in range(len(ds))], vals, width, label=LAYOUT_LABELS[layout])
+        ax.set_xticks([k + width * (len(LAYOUTS) - 1) / 2 for k in range(len(ds))], ds)
+        ax.set_ylabel("pairs / s")
+        ax.set_title(f"end-to-end DPO step throughput by layout ({results['env'].get('device')})")
+        ax.legend(fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        save(fig, "throughput_by_layout.png")
+    return paths, None
