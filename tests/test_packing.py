@@ -1,5 +1,4 @@
 """Packing: layouts, masks, positions, labels, bin packing, truncation, and exactness on a tiny Llama."""
-import os
 import warnings
 
 import pytest
@@ -234,8 +233,6 @@ def test_flex_block_mask_cpu():
     assert torch.equal(dense_blocks, any_block)
 
 
-@pytest.mark.skipif(os.environ.get("FASTDPO_SLOW") != "1" or not flex_attention_available(),
-                    reason="slow on CPU (~30 s of compilation); set FASTDPO_SLOW=1")
 def test_flex_attention_model_matches_sdpa(models):
     P, C, R = random_pairs(4, seed=9)
     b = pack_pairs(P, C, R, max_tokens=40, shared_prompt=True)
