@@ -71,8 +71,9 @@ def segment_sum(values, seq_index, num_sequences):
 
 
 # ----------------------------------------------------------------------------- fused LM head
-# Tiles of [TILE_ROWS, TILE_VOCAB] logits (2 MiB fp32) stay in the L2 cache between the matmul that makes
-# them and the element-wise passes that consume them; a log-sum-exp runs online across vocabulary tiles.
+# Tiles of [TILE_VOCAB, TILE_ROWS] logits (2 MiB fp32; stored vocabulary-major, as W_tile @ h^T is the
+# faster matmul on CPU) stay in the L2 cache between the matmul that makes them and the element-wise passes
+# that consume them; a log-sum-exp runs online across vocabulary tiles.
 
 TILE_ROWS, TILE_VOCAB = 256, 2048
 
@@ -88,9 +89,9 @@ class _Head:
         self.vocab_tiles = [(v, min(v + TILE_VOCAB, weight.shape[0])) for v in range(0, weight.shape[0], TILE_VOCAB)]
 
     def logits(self, h, begin, end):
-        """h [C, D] in the math dtype -> logits tile [C, end - begin] (fresh, free to overwrite)."""
-        w = self.weight[begin:end].t()
-        z = h @ w if self.bias is None else torch.addmm(self.bias[begin:end], h, w)
+        """h [C, D] in the math dtype -> transposed logits tile [end - begin, C] (fresh, free to overwrite)."""
+        w, ht = self.weight[begin:end], h.t()
+        z = w @ ht if self.bias is None else torch.addmm(self.bias[begin:end, None], w, ht)
         if self.logit_scale != 1.0:
             z.mul_(self.logit_scale)
         if self.softcap is not None:
@@ -109,7 +110,7 @@ class _Head:
 
 
 def _targets_in_tile(targets, begin, end):
-    """(row positions, columns within the tile) of the targets that fall in vocabulary [begin, end)."""
+    """(rows, vocabulary offsets within the tile) of the targets that fall in vocabulary [begin, end)."""
     inside = torch.nonzero((targets >= begin) & (targets < end)).squeeze(1)
     return inside, targets[inside] - begin
 
@@ -128,12 +129,12 @@ def linear_logps_forward(hidden, weight, bias, rows, targets, *, logit_scale=1.0
         sum_exp, z_sum, z_target = torch.zeros_like(row_max), torch.zeros_like(row_max), torch.zeros_like(row_max)
         for begin, end in head.vocab_tiles:
             z = head.logits(h, begin, end)
-            inside, cols = _targets_in_tile(tgt, begin, end)
-            z_target[inside] = z[inside, cols]
-            z_sum += z.sum(dim=1)
-            new_max = torch.maximum(row_max, z.amax(dim=1))
+            inside, offsets = _targets_in_tile(tgt, begin, end)
+            z_target[inside] = z[offsets, inside]
+            z_sum += z.sum(dim=0)
+            new_max = torch.maximum(row_max, z.amax(dim=0))
             shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
-            sum_exp = sum_exp * (row_max - shift).exp_() + z.sub_(shift[:, None]).exp_().sum(dim=1)
+            sum_exp = sum_exp * (row_max - shift).exp_() + z.sub_(shift).exp_().sum(dim=0)
             row_max = new_max
         shift = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
         target_logit[part], logit_sum[part], lse[part] = z_target, z_sum, shift + sum_exp.log()
@@ -158,16 +159,16 @@ def linear_logps_backward(hidden, weight, bias, rows, targets, lse, grad_rows, *
         for begin, end in head.vocab_tiles:
             z = head.logits(h, begin, end)
             grad_z = z.clone() if softcap is not None else z  # soft-capping's chain rule needs z itself
-            grad_z.sub_(row_lse[:, None]).exp_().mul_(-g[:, None])  # g * (onehot - softmax), onehot below
-            inside, cols = _targets_in_tile(tgt, begin, end)
-            grad_z[inside, cols] += g[inside]
+            grad_z.sub_(row_lse).exp_().mul_(-g)  # g * (onehot - softmax), onehot below
+            inside, offsets = _targets_in_tile(tgt, begin, end)
+            grad_z[offsets, inside] += g[inside]
             head.chain_(grad_z, z)
             if grad_hidden is not None:
-                grad_h.addmm_(grad_z, head.weight[begin:end])
+                grad_h.addmm_(grad_z.t(), head.weight[begin:end])
             if grad_weight is not None:
-                grad_weight[begin:end].addmm_(grad_z.t(), h)
+                grad_weight[begin:end].addmm_(grad_z, h)
             if grad_bias is not None:
-                grad_bias[begin:end] += grad_z.sum(dim=0)
+                grad_bias[begin:end] += grad_z.sum(dim=1)
         if grad_hidden is not None:
             grad_hidden[rows[part]] = grad_h.to(hidden.dtype)
     cast = lambda grad, like: None if grad is None else grad.to(like.dtype)
