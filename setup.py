@@ -12,6 +12,8 @@ setup(
     extras_require={
         "test": ["pytest>=7", "numpy"],
         "bench": ["matplotlib", "numpy"],
+        # peers that benchmarks/run.py compares against (pinned: versions whose CPU paths were measured)
+        "peers": ["trl==1.16.0", "liger-kernel==0.8.5"],
         "gpu": ["flash-attn"],
     },
 )

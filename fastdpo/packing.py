@@ -56,6 +56,7 @@ __all__ = [
     "pack_pairs",
     "pair_length",
     "first_fit_decreasing",
+    "balanced_bins",
     "make_mask_mod",
     "flex_block_mask",
     "flash_attn_varlen_kwargs",
@@ -286,6 +287,19 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
     return bins
 
 
+def balanced_bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """As many bins as first-fit-decreasing needs at `capacity`, filled as evenly as possible: the
+    smallest capacity (from max(longest item, mean fill) up) at which FFD still needs no more bins.
+    Rows are padded to the fullest bin, so even bins mean less padding than plain FFD."""
+    bins = first_fit_decreasing(lengths, capacity)
+    lower = max(max(lengths), -(-sum(lengths) // len(bins)))
+    for tighter in range(lower, capacity):
+        candidate = first_fit_decreasing(lengths, tighter)
+        if len(candidate) == len(bins):
+            return candidate
+    return bins
+
+
 # --------------------------------------------------------------------------------------------------
 # packing
 # --------------------------------------------------------------------------------------------------
@@ -345,7 +359,7 @@ def pack_pairs(
         )
 
     lengths = [pair_length(len(p), len(c), len(r), shared_prompt) for p, c, r in pairs]
-    bins = first_fit_decreasing(lengths, max_tokens)
+    bins = balanced_bins(lengths, max_tokens)
     R_ = len(bins)
     T = max(sum(lengths[k] for k in b) for b in bins)
     if pad_to_multiple_of:
@@ -606,7 +620,7 @@ def layout_token_counts(
             for lens, name in ((lp, "packed"), (ls, "shared")):
                 if max(lens) > max_tokens:
                     raise ValueError(f"a pair needs {max(lens)} tokens > max_tokens={max_tokens} ({name} layout)")
-                bins = first_fit_decreasing(lens, max_tokens)
+                bins = balanced_bins(lens, max_tokens)
                 rows_t = len(bins) * max(sum(lens[k] for k in b) for b in bins)
                 if name == "packed":
                     packed += rows_t

@@ -7,6 +7,7 @@ import torch
 from fastdpo.packing import (
     PackedBatch,
     PackingWarning,
+    balanced_bins,
     first_fit_decreasing,
     flash_attn_varlen_kwargs,
     flex_attention_available,
@@ -283,6 +284,18 @@ def test_first_fit_decreasing():
     assert len(bins) <= 11 / 9 * (-(-sum(lens) // 32)) + 1  # FFD bound vs the trivial lower bound
     with pytest.raises(ValueError, match="exceeds"):
         first_fit_decreasing([40], 32)
+
+
+def test_balanced_bins_pad_less_than_first_fit_decreasing():
+    lens = [900, 150, 120, 100]  # FFD at 1024: [900, 120] + [150, 100] -> 2 rows of 1020 tokens
+    assert max(sum(lens[k] for k in b) for b in first_fit_decreasing(lens, 1024)) == 1020
+    bins = balanced_bins(lens, 1024)
+    assert len(bins) == 2 and max(sum(lens[k] for k in b) for b in bins) == 900
+    g = torch.Generator().manual_seed(1)
+    lens = torch.randint(1, 300, (40,), generator=g).tolist()
+    ffd, bal = first_fit_decreasing(lens, 1024), balanced_bins(lens, 1024)
+    assert len(bal) == len(ffd) and sorted(k for b in bal for k in b) == list(range(40))
+    assert max(sum(lens[k] for k in b) for b in bal) <= max(sum(lens[k] for k in b) for b in ffd)
 
 
 @pytest.mark.parametrize("shared", [True, False])
