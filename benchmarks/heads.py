@@ -70,6 +70,11 @@ DEFAULT_CONFIGS = ("A", "B", "C")
 FULL_CONFIGS = ("A", "B", "C", "D")
 # --device cuda adds the Llama-3-8B head (the shapes of the roofline projection)
 GPU_CONFIGS = {"G": HeadConfig("G", pairs=4, seq_len=1024, prompt_len=512, vocab=128256, hidden=4096)}
+# memory sweep (issue: memory must grow with tokens, not tokens x vocabulary): 1-8 pairs of 2 x 512 tokens
+# (256 prompt), V = 32000 and 128256: `run.py --configs m32k-1024,...,m128k-4096 --impls fastdpo_fused,full_logits`
+SWEEP_CONFIGS = {f"m{vocab // 1000}k-{1024 * pairs}": HeadConfig(f"m{vocab // 1000}k-{1024 * pairs}", pairs=pairs,
+                                                                   seq_len=512, prompt_len=256, vocab=vocab)
+                 for vocab in (32000, 128256) for pairs in (1, 2, 4, 8)}
 # --quick: CI smoke shapes (seconds in total)
 QUICK_CONFIGS = {
     "q1": HeadConfig("q1", pairs=1, seq_len=32, prompt_len=16, vocab=512, hidden=32),
@@ -78,7 +83,7 @@ QUICK_CONFIGS = {
 
 
 def get_config(name: str) -> HeadConfig:
-    return {**HEAD_CONFIGS, **GPU_CONFIGS, **QUICK_CONFIGS}[name]
+    return {**HEAD_CONFIGS, **GPU_CONFIGS, **SWEEP_CONFIGS, **QUICK_CONFIGS}[name]
 
 
 # --------------------------------------------------------------------------------------------------------

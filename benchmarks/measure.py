@@ -4,11 +4,14 @@ CPU memory: peak resident set size minus the resident size right after the input
 child started by fork+exec can inherit its parent's high-water mark, so the worker resets its own
 (`/proc/self/clear_refs` <- "5" resets VmHWM on Linux) and reads VmHWM afterwards. Without that file
 it falls back to `ru_maxrss`, which is only right when nothing before the baseline peaked higher (the
-result says which method was used).
+result says which method was used). Before the baseline, glibc's malloc_trim returns freed heap memory
+to the OS, so that memory freed earlier (input construction, priming) cannot hide later allocations.
 CUDA memory: torch.cuda.max_memory_allocated() minus memory_allocated() at the baseline.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import os
 import re
@@ -38,6 +41,14 @@ def _ru_maxrss_bytes() -> int:
     return r if sys.platform == "darwin" else r * 1024
 
 
+def _trim_heap():
+    """Give freed heap memory back to the OS (glibc malloc_trim); a no-op elsewhere."""
+    libc_name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(libc_name) if libc_name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def _reset_hwm() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -64,6 +75,8 @@ class MemoryMeter:
 
     def start(self):
         gc.collect()
+        if self.device != "cuda":
+            _trim_heap()
         self.baseline = self._current()
         self.reset()
 
