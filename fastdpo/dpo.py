@@ -86,7 +86,7 @@ def loss(logits=None, labels=None, *, ref_logits=None, ref_logps=None, seq_ids=N
     common = dict(seq_ids=seq_ids, ignore_index=ignore_index, shift=shift, num_sequences=num_sequences,
                   logit_scale=logit_scale, softcap=softcap, temperature=temperature, backend=backend,
                   check_finite=check_finite)
-    logps, n_tokens, logit_sums, vocab_size = compute_sequence_logps(
+    logps, n_tokens, logit_sums, plan = compute_sequence_logps(
         logits, labels, hidden=hidden, weight=weight, bias=bias, **common)
     chosen_logps, rejected_logps = _split_pairs(logps, "labels/seq_ids")
     chosen_lengths, rejected_lengths = _split_pairs(n_tokens, "labels/seq_ids")
@@ -98,12 +98,10 @@ def loss(logits=None, labels=None, *, ref_logits=None, ref_logps=None, seq_ids=N
             ref_weight, ref_bias = weight, (bias if ref_bias is None else ref_bias)
         try:
             with torch.no_grad():
-                ref, _, _, ref_vocab_size = compute_sequence_logps(ref_logits, labels, hidden=ref_hidden,
-                                                                   weight=ref_weight, bias=ref_bias, **common)
+                ref = compute_sequence_logps(ref_logits, labels, hidden=ref_hidden, weight=ref_weight, bias=ref_bias,
+                                             plan=plan, **common)[0]
         except (ValueError, FloatingPointError) as error:
             raise type(error)(f"reference model inputs: {error}") from None
-        if ref_vocab_size != vocab_size:
-            raise ValueError(f"the reference vocabulary ({ref_vocab_size}) differs from the policy's ({vocab_size})")
     else:
         ref = None
     ref_chosen, ref_rejected = (None, None) if ref is None else _split_pairs(ref, "reference")
@@ -111,7 +109,7 @@ def loss(logits=None, labels=None, *, ref_logits=None, ref_logps=None, seq_ids=N
     terms = preference_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected,
                             chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **loss_config)
     metrics = _metrics(chosen_logps, rejected_logps, terms.chosen_rewards, terms.rejected_rewards,
-                       logit_sums, n_tokens, vocab_size)
+                       logit_sums, n_tokens, plan.vocab_size)
     return DPOOutput(loss=terms.losses.mean(), losses=terms.losses, chosen_logps=chosen_logps,
                      rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
                      chosen_rewards=terms.chosen_rewards, rejected_rewards=terms.rejected_rewards,

@@ -16,6 +16,7 @@ class TokenTargets(NamedTuple):
     targets: torch.Tensor  # [N] int64, -1 = no target
     seq_index: torch.Tensor  # [N] int64, -1 = no sequence
     num_sequences: int
+    vocab_size: int  # the targets were validated against [0, vocab_size)
 
 
 def _require(condition, message):
@@ -56,7 +57,7 @@ def token_targets(labels, seq_ids, *, vocab_size, ignore_index, shift, num_seque
                          f"found {bad}")
     targets = torch.where(scored, rows, -1).reshape(-1)
     seq_index = torch.where(scored, seq, -1).reshape(-1)
-    return TokenTargets(targets, seq_index, num_sequences)
+    return TokenTargets(targets, seq_index, num_sequences, vocab_size)
 
 
 def _check_float(name, tensor):
@@ -73,10 +74,11 @@ def _check_finite(name, logps):
 
 def compute_sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=None, weight=None, bias=None,
                            ignore_index=-100, shift=True, num_sequences=None, logit_scale=1.0, softcap=None,
-                           temperature=1.0, backend="auto", check_finite=True, inplace_backward=False):
+                           temperature=1.0, backend="auto", check_finite=True, inplace_backward=False, plan=None):
     """`sequence_logps` plus the per-sequence logit sums (for TRL's logits/* metrics).
 
-    Returns (logps [S] fp32, n_tokens [S] int64, logit_sums [S] fp32, vocab_size).
+    `plan` reuses the TokenTargets of an earlier call on the same labels (the reference model scores the
+    policy's tokens). Returns (logps [S] fp32, n_tokens [S] int64, logit_sums [S] fp32, plan).
     """
     _require(labels is not None, "labels is required")
     fused = hidden is not None or weight is not None
@@ -103,22 +105,25 @@ def compute_sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=Non
         vocab_size = logits.shape[-1]
         _require(logits.shape[:-1] == labels.shape,
                  f"logits must have shape {tuple(labels.shape)} + (V,) to match labels, got {tuple(logits.shape)}")
-    plan = token_targets(labels, seq_ids, vocab_size=vocab_size, ignore_index=ignore_index, shift=shift,
-                         num_sequences=num_sequences)
+    if plan is None:
+        plan = token_targets(labels, seq_ids, vocab_size=vocab_size, ignore_index=ignore_index, shift=shift,
+                             num_sequences=num_sequences)
+    _require(plan.vocab_size == vocab_size,
+             f"the reference vocabulary ({vocab_size}) differs from the policy's ({plan.vocab_size})")
     if fused:
         logps, logit_sums = linear_sequence_logps(
-            hidden.reshape(-1, hidden.shape[-1]), weight, bias, *plan, backend=backend,
+            hidden.reshape(-1, hidden.shape[-1]), weight, bias, *plan[:3], backend=backend,
             logit_scale=logit_scale, softcap=softcap, temperature=temperature)
     else:
         flat = logits.reshape(-1, vocab_size)
         if flat.stride(1) != 1:
             flat = flat.contiguous()
-        logps, logit_sums = logits_sequence_logps(flat, *plan, backend=backend,
+        logps, logit_sums = logits_sequence_logps(flat, *plan[:3], backend=backend,
                                                   inplace_backward=inplace_backward)
     if check_finite:
         _check_finite("hidden/weight" if fused else "logits", logps)
     n_tokens = torch.bincount(plan.seq_index[plan.seq_index >= 0], minlength=plan.num_sequences)
-    return logps, n_tokens, logit_sums, vocab_size
+    return logps, n_tokens, logit_sums, plan
 
 
 def sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=None, weight=None, bias=None,
