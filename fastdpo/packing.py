@@ -45,6 +45,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -208,13 +209,7 @@ def _as_token_list(x, what: str, i: int, vocab_size: int | None) -> list[int]:
         raise ValueError(f"{what}[{i}] is empty: every prompt and response needs at least one token")
     for t in toks:
         if isinstance(t, bool) or not isinstance(t, int):
-            try:
-                import numpy as np
-
-                ok = isinstance(t, np.integer)
-            except ImportError:  # pragma: no cover
-                ok = False
-            if not ok:
+            if not isinstance(t, np.integer):
                 raise ValueError(f"{what}[{i}] contains a non-integer token id {t!r}")
     toks = [int(t) for t in toks]
     lo, hi = min(toks), max(toks)
@@ -511,7 +506,7 @@ def make_mask_mod(batch_or_segment_ids, branch_ids: torch.Tensor | None = None, 
 def flex_attention_available() -> bool:
     try:
         from torch.nn.attention.flex_attention import create_block_mask  # noqa: F401
-    except Exception:
+    except ImportError:
         return False
     return True
 
