@@ -16,6 +16,7 @@ BLOCKS = (16, 32, 16)  # (BLOCK_M, BLOCK_V, BLOCK_D); the interpreter needs dot 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
 CONFIGS = {
     "plain": dict(bias=False, logit_scale=1.0, softcap=None, temperature=1.0),
+    "scale-temperature": dict(bias=True, logit_scale=1.4, softcap=None, temperature=0.6),
     "full": dict(bias=True, logit_scale=0.7, softcap=3.0, temperature=0.8),
 }
 
@@ -60,7 +61,7 @@ def check(actual, expected, dtype, what):
 
 
 @pytest.mark.parametrize("dtype,D", [(torch.float32, 48), (torch.bfloat16, 80)])
-@pytest.mark.parametrize("cfg", ["plain", "full"])
+@pytest.mark.parametrize("cfg", CONFIGS)
 def test_forward_matches_float64_reference(dtype, D, cfg):
     c = CONFIGS[cfg]
     hidden, weight, bias, rows, targets, grad_rows = make_inputs(dtype, D=D, bias=c["bias"])
@@ -87,7 +88,7 @@ def test_forward_grouped_launch_order(monkeypatch, programs):
 
 
 @pytest.mark.parametrize("dtype,D", [(torch.float32, 48), (torch.bfloat16, 80)])
-@pytest.mark.parametrize("cfg", ["plain", "full"])
+@pytest.mark.parametrize("cfg", CONFIGS)
 @pytest.mark.parametrize("programs", [None, 1], ids=["splits", "one_split"])
 def test_backward_matches_float64_reference(dtype, D, cfg, programs):
     c = CONFIGS[cfg]
