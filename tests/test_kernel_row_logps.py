@@ -13,7 +13,7 @@ import fastdpo.kernels.sequence_logps as rows_module
 from fastdpo.kernels import row_logps_backward, row_logps_forward
 from reference import rel_err
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 TRANSFORMS = {
     "plain": dict(logit_scale=1.0, softcap=None, temperature=1.0),
     "scale-temperature": dict(logit_scale=0.7, softcap=None, temperature=1.3),
@@ -56,7 +56,7 @@ def reference(logits, targets, grad_rows, *, logit_scale, softcap, temperature):
 
 
 @pytest.mark.usefixtures("small_blocks")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("transform", TRANSFORMS)
 def test_forward_backward_and_write_grad_match_float64(dtype, transform):
     kw = TRANSFORMS[transform]
