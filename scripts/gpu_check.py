@@ -46,15 +46,16 @@ def parse_args(argv=None):
 
 
 def setup(smoke):
-    """Environment before triton is imported: the interpreter (with the bf16 tl.dot fix) for --smoke."""
+    """Environment before triton is imported: the interpreter (with the bf16 fixes of tests/conftest.py) for --smoke."""
     sys.path[:0] = [os.path.join(ROOT, "tests"), os.path.join(ROOT, "benchmarks")]
     os.environ["TRITON_INTERPRET"] = "1" if smoke else "0"
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     if smoke:
         from triton.runtime import interpreter
 
-        from conftest import interpreter_create_dot_widening_bf16
-        interpreter.InterpreterBuilder.create_dot = interpreter_create_dot_widening_bf16()
+        from conftest import interpreter_bf16_fixes
+        for name, replacement in interpreter_bf16_fixes().items():
+            setattr(interpreter.InterpreterBuilder, name, replacement)
 
 
 class Report:
