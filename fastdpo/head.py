@@ -18,6 +18,8 @@ kept. Matrix products are plain torch matmuls (cuBLAS on CUDA) in the input dtyp
 grad_weight accumulates in fp32 across chunks in a fixed order, grad_bias likewise: no atomics, bitwise
 deterministic on a given device.
 """
+import numbers
+
 import torch
 
 from .torch_ops import check_fp32_precision, math_dtype, matmul_precision
@@ -44,7 +46,8 @@ def make_head(impl, *, head_mode, head_memory_budget, weight, num_rows, transfor
     if head_mode not in HEAD_MODES:
         raise ValueError(f"head_mode must be one of {HEAD_MODES}, got {head_mode!r}")
     if head_memory_budget is not None and (isinstance(head_memory_budget, bool)
-                                           or not isinstance(head_memory_budget, int) or head_memory_budget <= 0):
+                                           or not isinstance(head_memory_budget, numbers.Integral)
+                                           or head_memory_budget <= 0):
         raise ValueError(f"head_memory_budget must be None or a positive int (bytes), got {head_memory_budget!r}")
     check_fp32_precision(fp32_precision)
     if head_mode == "fused":

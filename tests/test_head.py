@@ -239,6 +239,7 @@ def test_offsets_past_two_to_the_31_elements(device):
     (dict(head_memory_budget=-5), "head_memory_budget"),
     (dict(head_memory_budget=1.5e9), "head_memory_budget"),
     (dict(head_memory_budget=True), "head_memory_budget"),
+    (dict(head_memory_budget="1GB"), "head_memory_budget"),
     (dict(fp32_precision="fast"), "fp32_precision"),
     (dict(head_mode="stored", head_memory_budget=100), "head_memory_budget"),
 ])
