@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .logps import check_finite_logps, compute_sequence_logps
+from .logps import check_finite_logps, compute_sequence_logps, refuse_head_options_without_head
 from .losses import check_loss_config, preference_loss
 from .validate import check_bool, check_same_device, check_tensor, require
 
@@ -88,14 +88,15 @@ def loss(logits=None, labels=None, *, ref_logits=None, ref_logps=None, seq_ids=N
          bias=None, ref_hidden=None, ref_weight=None, ref_bias=None, beta=0.1, loss_type="sigmoid",
          loss_weights=None, label_smoothing=0.0, reference_free=False, ignore_index=-100, shift=True,
          num_sequences=None, logit_scale=1.0, softcap=None, temperature=1.0, backend="auto",
-         check_finite=True, **loss_params):
+         check_finite=True, head_mode="auto", head_memory_budget=None, fp32_precision="ieee", **loss_params):
     """DPO-family loss for a batch of 2B sequences: B chosen, then B rejected (pair i = i and B + i).
 
     Policy: `logits` [R, T, V], or the fused LM-head form `hidden` [R, T, D] + `weight` [V, D] (+ `bias`).
     Reference, one of: `ref_logits`; `ref_hidden` (+ `ref_weight`, defaulting to `weight`, + `ref_bias`);
     precomputed `ref_logps` [2B] float32; none with reference_free=True or loss_type simpo, which refuse a
     reference they would ignore. Reference inputs run forward-only under no_grad. `labels`/`seq_ids` as in
-    `sequence_logps`. `loss_type` (str or list, with `loss_weights`), `beta`, `label_smoothing` and
+    `sequence_logps`, as are the logit transforms (both forms) and the LM-head options head_mode,
+    head_memory_budget, fp32_precision (fused form). `loss_type` (str or list, with `loss_weights`), `beta`, `label_smoothing` and
     `loss_params` (e.g. gamma for simpo) follow TRL's DPOTrainer. A pair whose chosen or rejected response
     has no scored token gets an EmptySequenceWarning naming it (that response counts as log-prob 0).
     Returns a DPOOutput; `.loss` is the mean over pairs.
@@ -116,9 +117,12 @@ def loss(logits=None, labels=None, *, ref_logits=None, ref_logps=None, seq_ids=N
             f"loss_type={loss_type!r} needs the reference model: pass ref_logits, ref_hidden or ref_logps, or "
             f"reference_free=True")
     check_bool("check_finite", check_finite)
+    head_options = dict(head_mode=head_mode, head_memory_budget=head_memory_budget, fp32_precision=fp32_precision)
+    if hidden is None and ref_hidden is None:
+        refuse_head_options_without_head(head_options)
     common = dict(seq_ids=seq_ids, ignore_index=ignore_index, shift=shift, num_sequences=num_sequences,
                   logit_scale=logit_scale, softcap=softcap, temperature=temperature, backend=backend,
-                  check_finite=False)
+                  check_finite=False, **head_options)
     logps, n_tokens, logit_sums, plan = compute_sequence_logps(
         logits, labels, hidden=hidden, weight=weight, bias=bias, **common)
     chosen_logps, rejected_logps = _split_pairs(logps, "labels/seq_ids")

@@ -3,10 +3,13 @@ from typing import NamedTuple
 
 import torch
 
+from .head import HEAD_MODES
 from .ops import BACKENDS, linear_sequence_logps, logits_sequence_logps
 from .validate import check_bool, check_choice, check_int, check_real, check_same_device, check_tensor, require
 
 INDEX_DTYPES = (torch.int64, torch.int32)
+FP32_PRECISIONS = ("ieee", "tf32")
+DEFAULT_HEAD_OPTIONS = dict(head_mode="auto", head_memory_budget=None, fp32_precision="ieee")
 
 
 class SequenceLogps(NamedTuple):
@@ -81,6 +84,20 @@ def check_transforms(*, logit_scale, softcap, temperature):
     check_real("temperature", temperature, positive=True)
 
 
+def check_head_options(*, head_mode, head_memory_budget, fp32_precision):
+    """The fused form's LM-head options (see fastdpo.head): mode, memory budget in bytes, fp32 products."""
+    check_choice("head_mode", head_mode, HEAD_MODES)
+    check_int("head_memory_budget", head_memory_budget, minimum=1, optional=True)
+    check_choice("fp32_precision", fp32_precision, FP32_PRECISIONS)
+
+
+def refuse_head_options_without_head(head_options):
+    """head_mode / head_memory_budget / fp32_precision act on the fused LM head only: refuse them otherwise."""
+    changed = [name for name, value in head_options.items() if value != DEFAULT_HEAD_OPTIONS[name]]
+    require(not changed, f"{', '.join(changed)} only apply to the fused LM-head form (hidden=, weight=), not to "
+                         f"logits input: drop them")
+
+
 def check_finite_logps(named_logps, *, also=()):
     """One fused NaN/inf check over the named [S] results (None entries skipped) and one host transfer,
     which also brings the 0-d integer tensors `also` (their values are returned). The error names the
@@ -134,10 +151,12 @@ def _float64_backend(backend, dtype):
 
 def compute_sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=None, weight=None, bias=None,
                            ignore_index=-100, shift=True, num_sequences=None, logit_scale=1.0, softcap=None,
-                           temperature=1.0, backend="auto", check_finite=True, inplace_backward=False, plan=None):
+                           temperature=1.0, backend="auto", check_finite=True, inplace_backward=False,
+                           head_mode="auto", head_memory_budget=None, fp32_precision="ieee", plan=None):
     """`sequence_logps` plus the per-sequence logit sums (for TRL's logits/* metrics).
 
-    `plan` reuses the TokenTargets of an earlier call on the same labels (the reference model scores the
+    The head options are validated always and used by the fused form only (the public entry points refuse
+    them for logits input). `plan` reuses the TokenTargets of an earlier call on the same labels (the reference model scores the
     policy's tokens). Returns (logps [S], n_tokens [S] int64, logit_sums [S], plan); logps and logit_sums
     are float32 (float64 for float64 inputs).
     """
@@ -148,6 +167,8 @@ def compute_sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=Non
         check_bool(name, flag)
     check_transforms(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
     check_choice("backend", backend, BACKENDS)
+    head_options = dict(head_mode=head_mode, head_memory_budget=head_memory_budget, fp32_precision=fp32_precision)
+    check_head_options(**head_options)
     fused = hidden is not None or weight is not None
     require(fused != (logits is not None), "pass either logits, or hidden and weight (the fused LM-head form), "
                                            "not both")
@@ -172,17 +193,14 @@ def compute_sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=Non
     transforms = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
     if fused:
         logps, logit_sums = linear_sequence_logps(
-            hidden.reshape(-1, hidden.shape[-1]), weight, bias, *plan[:3], backend=backend, **transforms)
+            hidden.reshape(-1, hidden.shape[-1]), weight, bias, *plan[:3], backend=backend, rows=plan.rows,
+            **transforms, **head_options)
     else:
-        require(transforms == dict(logit_scale=1.0, softcap=None, temperature=1.0),
-                "logit_scale, softcap and temperature are not supported with logits input yet: apply them to the "
-                "logits before the call or use the fused form (hidden, weight)")
         flat = logits.reshape(-1, vocab_size)
         if flat.stride(1) != 1:
             flat = flat.contiguous()
         logps, logit_sums = logits_sequence_logps(flat, *plan[:3], backend=backend,
-                                                  inplace_backward=inplace_backward, logit_scale=logit_scale,
-                                                  softcap=softcap, temperature=temperature)
+                                                  inplace_backward=inplace_backward, **transforms)
     if check_finite:
         check_finite_logps({"hidden/weight" if fused else "logits": logps})
     return logps, plan.n_tokens, logit_sums, plan
@@ -190,12 +208,16 @@ def compute_sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=Non
 
 def sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=None, weight=None, bias=None,
                    ignore_index=-100, shift=True, num_sequences=None, logit_scale=1.0, softcap=None,
-                   temperature=1.0, backend="auto", check_finite=True, inplace_backward=False):
+                   temperature=1.0, backend="auto", check_finite=True, inplace_backward=False, head_mode="auto",
+                   head_memory_budget=None, fp32_precision="ieee"):
     """Summed log-probability of each sequence's target tokens.
 
     Logits form: logits [R, T, V] (fp32/bf16/fp16/fp64) with labels [R, T] (or [T, V] with [T]).
     Fused form: hidden [R, T, D], weight [V, D], bias [V] | None: the LM head is applied tile by tile and
-    the logits z = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature are never stored.
+    the logits z = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature are kept within
+    head_memory_budget bytes (None = library default) as head_mode says ("auto", "stored", "recompute",
+    "fused": see fastdpo.head); fp32_precision "ieee" (exact fp32 products) or "tf32" (TF32 allowed on GPU).
+    The logits form scores z = softcap(logit_scale * logits) / temperature.
     labels are Hugging Face style: with shift=True the logits at t are scored against labels[..., t + 1];
     ignore_index (outside [0, V)) marks tokens with no target. Without seq_ids each row is one sequence
     (num_sequences, if given, must equal R); seq_ids (shape of labels, -1 = none) lets one row hold several
@@ -204,9 +226,12 @@ def sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=None, weigh
     check_finite raises FloatingPointError when a result is NaN/inf (a NaN/+inf logit in a scored row, or
     -inf at a target); inplace_backward writes grad_logits into the logits buffer (logits form only).
     """
+    head_options = dict(head_mode=head_mode, head_memory_budget=head_memory_budget, fp32_precision=fp32_precision)
+    if logits is not None:
+        refuse_head_options_without_head(head_options)
     logps, n_tokens, _, _ = compute_sequence_logps(
         logits, labels, seq_ids, hidden=hidden, weight=weight, bias=bias, ignore_index=ignore_index,
         shift=shift, num_sequences=num_sequences, logit_scale=logit_scale, softcap=softcap,
         temperature=temperature, backend=backend, check_finite=check_finite,
-        inplace_backward=inplace_backward)
+        inplace_backward=inplace_backward, **head_options)
     return SequenceLogps(logps, n_tokens)
