@@ -58,7 +58,7 @@ def token_targets(labels, seq_ids, *, vocab_size, ignore_index, shift, num_seque
         seq_scored = seq
     scored = (rows != ignore_index) & (seq_scored >= 0)
     out_of_range = (scored & ((rows < 0) | (rows >= vocab_size))).reshape(-1)
-    first_bad = rows.reshape(-1)[out_of_range.to(torch.uint8).argmax()]
+    first_bad = rows.reshape(-1).index_select(0, out_of_range.to(torch.uint8).argmax().reshape(1))[0]
     n_bad, bad, seq_min, seq_max, n_scored = torch.stack(
         [out_of_range.sum(), first_bad, seq.min(), seq.max(), scored.sum()]).tolist()  # the one host sync
     if num_sequences is None:

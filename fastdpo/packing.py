@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -279,11 +279,10 @@ def _truncate(p, c, r, i, max_tokens, shared, policy):
 
 
 def check_pack_options(*, max_tokens, shared_prompt, truncation, pad_token_id, pad_to_multiple_of, ignore_index,
-                       vocab_size, build_mask):
+                       vocab_size):
     """The options of pack_pairs (TypeError / ValueError naming the option)."""
     check_int("max_tokens", max_tokens, minimum=4)
     check_bool("shared_prompt", shared_prompt)
-    check_bool("build_mask", build_mask)
     check_choice("truncation", truncation, TRUNCATION_POLICIES)
     check_int("pad_to_multiple_of", pad_to_multiple_of, minimum=1, optional=True)
     check_int("vocab_size", vocab_size, minimum=1, optional=True)
@@ -357,7 +356,7 @@ def pack_pairs(
     """
     check_pack_options(max_tokens=max_tokens, shared_prompt=shared_prompt, truncation=truncation,
                        pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of, ignore_index=ignore_index,
-                       vocab_size=vocab_size, build_mask=build_mask)
+                       vocab_size=vocab_size)
     if not (len(prompts) == len(chosen) == len(rejected)):
         raise ValueError(
             f"prompts, chosen and rejected must have the same length, got {len(prompts)}, {len(chosen)}, {len(rejected)}"
@@ -677,7 +676,7 @@ def layout_token_counts(
 # tokenized preference rows (TRL datasets) -> packed batches
 # --------------------------------------------------------------------------------------------------
 
-def pair_parts(row: Any) -> tuple:
+def pair_parts(row: object) -> tuple:
     """(prompt, chosen, rejected) token ids of one row: a mapping with the keys of one of PAIR_FIELDS, or a
     (prompt, chosen, rejected) tuple/list."""
     if isinstance(row, dict) or hasattr(row, "keys"):
@@ -692,7 +691,7 @@ def pair_parts(row: Any) -> tuple:
                     f"tuple, got {type(row).__name__}")
 
 
-def rows_to_pairs(rows: Any) -> tuple:
+def rows_to_pairs(rows: object) -> tuple:
     """(prompts, chosen, rejected) lists from tokenized preference rows: a ``datasets.Dataset`` (its columns are
     read directly) or a sequence of rows as :func:`pair_parts` takes them."""
     columns = getattr(rows, "column_names", None)
@@ -708,7 +707,7 @@ def rows_to_pairs(rows: Any) -> tuple:
     return tuple(list(column) for column in zip(*parts)) if parts else ([], [], [])
 
 
-def pack_rows(rows: Any, **pack_kwargs) -> PackedBatch:
+def pack_rows(rows: object, **pack_kwargs) -> PackedBatch:
     """:func:`pack_pairs` on tokenized preference rows (TRL 1.16 ``prompt_ids`` / ``chosen_ids`` /
     ``rejected_ids`` mappings, older TRL names, tuples, or a ``datasets.Dataset``)."""
     return pack_pairs(*rows_to_pairs(rows), **pack_kwargs)
@@ -726,11 +725,11 @@ class PairCollator:
 
     def __init__(self, *, max_tokens: int, shared_prompt: bool = True, truncation: str = "error",
                  pad_token_id: int = 0, pad_to_multiple_of: int | None = None, ignore_index: int = -100,
-                 vocab_size: int | None = None, build_mask: bool = True):
+                 vocab_size: int | None = None):
         self.options = dict(max_tokens=max_tokens, shared_prompt=shared_prompt, truncation=truncation,
                             pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of,
-                            ignore_index=ignore_index, vocab_size=vocab_size, build_mask=build_mask)
+                            ignore_index=ignore_index, vocab_size=vocab_size)
         check_pack_options(**self.options)
 
-    def __call__(self, rows: Sequence[Any]) -> PackedBatch:
+    def __call__(self, rows: Sequence[object]) -> PackedBatch:
         return pack_rows(rows, **self.options)
