@@ -93,6 +93,7 @@ def check_head_options(*, head_mode, head_memory_budget, fp32_precision):
 
 def refuse_head_options_without_head(head_options):
     """head_mode / head_memory_budget / fp32_precision act on the fused LM head only: refuse them otherwise."""
+    check_head_options(**head_options)
     changed = [name for name, value in head_options.items() if value != DEFAULT_HEAD_OPTIONS[name]]
     require(not changed, f"{', '.join(changed)} only apply to the fused LM-head form (hidden=, weight=), not to "
                          f"logits input: drop them")
