@@ -157,8 +157,8 @@ def compute_sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=Non
     """`sequence_logps` plus the per-sequence logit sums (for TRL's logits/* metrics).
 
     The head options are validated always and used by the fused form only (the public entry points refuse
-    them for logits input). `plan` reuses the TokenTargets of an earlier call on the same labels (the reference model scores the
-    policy's tokens). Returns (logps [S], n_tokens [S] int64, logit_sums [S], plan); logps and logit_sums
+    them for logits input). `plan` reuses the TokenTargets of an earlier call on the same labels (the
+    reference model scores the policy's tokens). Returns (logps [S], n_tokens [S] int64, logit_sums [S], plan); logps and logit_sums
     are float32 (float64 for float64 inputs).
     """
     require(labels is not None, "labels is required")
@@ -190,7 +190,6 @@ def compute_sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=Non
                              num_sequences=num_sequences)
     require(plan.vocab_size == vocab_size,
             f"the reference vocabulary ({vocab_size}) differs from the policy's ({plan.vocab_size})")
-    check_same_device(labels=plan.targets, **({"hidden": hidden} if fused else {"logits": logits}))
     transforms = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
     if fused:
         logps, logit_sums = linear_sequence_logps(
