@@ -409,7 +409,8 @@ class _SyncCounter(TorchDispatchMode):
     def record(self, name):
         import traceback
 
-        frames = [f.filename for f in traceback.extract_stack() if "fastdpo" in f.filename]
+        frames = [f.filename for f in traceback.extract_stack() if "/fastdpo/" in f.filename
+                  or "/kernels/" in f.filename]
         if not frames or not frames[-1].endswith("torch_ops.py"):
             self.syncs.append((name, frames[-1].rsplit("/", 1)[-1] if frames else "?"))
 
