@@ -51,14 +51,20 @@ def _check_ref_logps(ref_logps, policy_logps):
     return ref_logps.detach()
 
 
-def _check_results(policy, reference, ref_logps_given, n_tokens, check_finite):
-    """The loss's one host transfer after the log-probs: a fused NaN/inf check of the policy and reference
-    results (`policy`, `reference`: (name, logps [S] | None)), the finiteness of a precomputed ref_logps
-    (whatever check_finite says) and the number of empty sequences. Warns (EmptySequenceWarning) naming the
-    pairs with an empty member; naming them costs one more transfer, on that path only."""
-    checked = dict([policy] + ([reference] if reference[1] is not None and not ref_logps_given else []))
-    also = [(n_tokens == 0).sum()] + ([torch.isfinite(reference[1]).all()] if ref_logps_given else [])
-    n_empty, *ref_logps_finite = check_finite_logps(checked if check_finite else {}, also=also)
+def _check_results(policy_name, logps, ref_name, ref, ref_is_input, n_tokens, check_finite):
+    """The loss's one host transfer after the log-probs: a fused NaN/inf check of the policy and computed
+    reference results [S], the finiteness of a precomputed ref_logps (`ref_is_input`; whatever check_finite
+    says) and the number of empty sequences. Warns (EmptySequenceWarning) naming the pairs with an empty
+    member; naming them costs one more transfer, on that path only."""
+    checked = {}
+    if check_finite:
+        checked[policy_name] = logps
+        if ref is not None and not ref_is_input:
+            checked[ref_name] = ref
+    also = [(n_tokens == 0).sum()]
+    if ref_is_input:
+        also.append(torch.isfinite(ref).all().long())
+    n_empty, *ref_logps_finite = check_finite_logps(checked, also=also)
     require(all(ref_logps_finite), "ref_logps contains NaN or inf")
     if n_empty:
         half = n_tokens.shape[0] // 2
@@ -144,7 +150,7 @@ def loss(logits=None, labels=None, *, ref_logits=None, ref_logps=None, seq_ids=N
     else:
         ref, ref_name = None, None
     policy_name = "logits" if logits is not None else "hidden/weight"
-    _check_results((policy_name, logps), (ref_name, ref), ref_logps is not None, n_tokens, check_finite)
+    _check_results(policy_name, logps, ref_name, ref, ref_logps is not None, n_tokens, check_finite)
     ref_chosen, ref_rejected = (None, None) if ref is None else _split_pairs(ref, "reference")
 
     terms = preference_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected,

@@ -219,8 +219,15 @@ def test_packing_options_are_validated_by_name(options, error, message):
 
 
 def _rows():
+    """Tokenized rows as TRL 1.16's DPOTrainer makes them."""
     return [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6]},
             {"prompt_ids": [7], "chosen_ids": [8], "rejected_ids": [9, 10, 11]}]
+
+
+def _legacy(rows):
+    """The same rows under TRL < 1.0's column names."""
+    return [{"prompt_input_ids": r["prompt_ids"], "chosen_input_ids": r["chosen_ids"],
+             "rejected_input_ids": r["rejected_ids"]} for r in rows]
 
 
 def test_trl_rows_datasets_and_collator_pack_like_token_lists():
@@ -229,8 +236,7 @@ def test_trl_rows_datasets_and_collator_pack_like_token_lists():
     rows = _rows()
     expected = pack_pairs([r["prompt_ids"] for r in rows], [r["chosen_ids"] for r in rows],
                           [r["rejected_ids"] for r in rows], max_tokens=16, shared_prompt=True)
-    legacy = [{"prompt_input_ids": r["prompt_ids"], "chosen_input_ids": r["chosen_ids"],
-               "rejected_input_ids": r["rejected_ids"]} for r in rows]
+    legacy = _legacy(rows)
     tuples = [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in rows]
     loader = torch.utils.data.DataLoader(datasets.Dataset.from_list(rows), batch_size=2,
                                          collate_fn=PairCollator(max_tokens=16))
@@ -370,8 +376,7 @@ def test_cache_takes_trl_rows_and_datasets(tmp_path):
     rows = _rows()
     cache = ReferenceCache.build(datasets.Dataset.from_list(rows), _compute_fn([]), tmp_path / "c.safetensors",
                                  reference_id="r", progress=False)
-    legacy = [{"prompt_input_ids": r["prompt_ids"], "chosen_input_ids": r["chosen_ids"],
-               "rejected_input_ids": r["rejected_ids"]} for r in rows]
+    legacy = _legacy(rows)
     for batch in (rows, legacy, [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in rows],
                   datasets.Dataset.from_list(rows)):
         assert cache.ref_logps(batch).tolist() == [-1.0, -1.0, -2.0, -2.0]
