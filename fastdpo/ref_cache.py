@@ -28,9 +28,9 @@ What is checked, and how (nothing stale is ever returned silently):
   (every tensor's name, dtype, shape and raw bytes, names sorted), see :func:`weights_fingerprint`.
   ``load(path, ref_model=...)`` recomputes it and raises on a difference; ``load(path)`` without
   ``ref_model=`` / ``reference_id=`` cannot tell a cache of another model and warns
-  (:class:`UnverifiedReferenceCacheWarning`) unless ``verify_reference=False`` says so explicitly. Cost: one pass over the
-  weights on one core, plus a device-to-host copy for GPU weights; measured ~0.9 GB/s on a
-  2-core CPU machine (200 MB fp32 in 0.22 s), i.e. ~4.5 s for a 1B-parameter fp32 model, ~2.2 s
+  (:class:`UnverifiedReferenceCacheWarning`) unless ``verify_reference=False`` says so explicitly.
+  Cost of the fingerprint: one pass over the weights on one core, plus a device-to-host copy for GPU
+  weights; measured ~0.9 GB/s on a 2-core CPU machine (200 MB fp32 in 0.22 s), i.e. ~4.5 s for a 1B-parameter fp32 model, ~2.2 s
   in bf16, ~16 s for 7B in bf16. A tiny test model takes milliseconds. A user string (``reference_id="org/model@rev"``)
   can replace the hash where that is too slow.
 * the file itself: format name and version, and a blake2b-256 over the stored tensors'
@@ -38,7 +38,8 @@ What is checked, and how (nothing stale is ever returned silently):
   (:class:`CorruptReferenceCacheError`).
 * durability: ``build`` checks that the destination can be written before computing anything; ``save``
   writes ``<path>.tmp<pid>``, fsyncs it, renames it over ``path`` and fsyncs the folder; a failed save
-  removes its temporary file, and temporary files left by killed runs (dead pid) are removed.
+  removes its temporary file, and temporary files left by killed runs (pid no longer running on this
+  machine) are removed.
 
 The log-probs come from ``compute_fn(batch_pairs) -> (chosen [b], rejected [b])``; with a model
 instead, :func:`make_compute_fn` packs the pairs (``fastdpo.packing.pack_pairs``, shared prompt) and
@@ -328,9 +329,10 @@ class ReferenceCache:
         fingerprinted) or a ``compute_fn(batch_pairs) -> (chosen [b], rejected [b])``. With a
         compute_fn, pass ``ref_model`` (fingerprinted) or ``reference_id`` (any string naming the
         reference) so stale references can be detected; without either the cache records none and
-                Pairs (a list of rows or a ``datasets.Dataset``) are deduplicated and, with ``sort_by_length``,
-        batched by length to cut padding. ``metadata``: extra JSON-able user information stored in the file.
-        The destination is checked to be writable before anything is computed.
+        warns. Pairs (a list of rows or a ``datasets.Dataset``) are deduplicated and, with
+        ``sort_by_length``, batched by length to cut padding. ``metadata``: extra JSON-able user
+        information stored in the file. The destination is checked to be writable before anything is
+        computed.
         """
         check_int("batch_size", batch_size, minimum=1)
         check_int("pad_token_id", pad_token_id, minimum=0)
