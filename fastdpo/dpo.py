@@ -102,9 +102,10 @@ def loss(logits=None, labels=None, *, ref_logits=None, ref_logps=None, seq_ids=N
     precomputed `ref_logps` [2B] float32; none with reference_free=True or loss_type simpo, which refuse a
     reference they would ignore. Reference inputs run forward-only under no_grad. `labels`/`seq_ids` as in
     `sequence_logps`, as are the logit transforms (both forms) and the LM-head options head_mode,
-    head_memory_budget, fp32_precision (fused form). `loss_type` (str or list, with `loss_weights`), `beta`, `label_smoothing` and
-    `loss_params` (e.g. gamma for simpo) follow TRL's DPOTrainer. A pair whose chosen or rejected response
-    has no scored token gets an EmptySequenceWarning naming it (that response counts as log-prob 0).
+    head_memory_budget, fp32_precision (fused form). `loss_type` (str or list, with `loss_weights`),
+    `beta`, `label_smoothing` and `loss_params` (e.g. gamma for simpo) follow TRL's DPOTrainer. A pair
+    whose chosen or rejected response has no scored token gets an EmptySequenceWarning naming it (that
+    response counts as log-prob 0).
     Returns a DPOOutput; `.loss` is the mean over pairs.
     """
     loss_config = dict(beta=beta, loss_type=loss_type, loss_weights=loss_weights,
@@ -116,9 +117,10 @@ def loss(logits=None, labels=None, *, ref_logits=None, ref_logps=None, seq_ids=N
     require(ref_hidden is not None or (ref_weight is None and ref_bias is None),
             "ref_weight and ref_bias go with ref_hidden (the reference's fused LM-head form); pass ref_hidden too")
     uses_reference = not reference_free and "simpo" not in config.loss_types
+    ignoring = "reference_free=True" if reference_free else "loss_type simpo"
     require(uses_reference or not given,
-            f"{given[0] if given else ''} was given but {'reference_free=True' if reference_free else 'loss_type simpo'}"
-            f" does not use a reference model: drop it (it would be ignored)")
+            f"{given[0] if given else ''} was given but {ignoring} does not use a reference model: drop it "
+            f"(it would be ignored)")
     require(given or not config.needs_reference,
             f"loss_type={loss_type!r} needs the reference model: pass ref_logits, ref_hidden or ref_logps, or "
             f"reference_free=True")

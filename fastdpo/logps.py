@@ -158,8 +158,8 @@ def compute_sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=Non
 
     The head options are validated always and used by the fused form only (the public entry points refuse
     them for logits input). `plan` reuses the TokenTargets of an earlier call on the same labels (the
-    reference model scores the policy's tokens). Returns (logps [S], n_tokens [S] int64, logit_sums [S], plan); logps and logit_sums
-    are float32 (float64 for float64 inputs).
+    reference model scores the policy's tokens). Returns (logps [S], n_tokens [S] int64, logit_sums [S],
+    plan); logps and logit_sums are float32 (float64 for float64 inputs).
     """
     require(labels is not None, "labels is required")
     check_tensor("labels", labels, dtypes=INDEX_DTYPES)

@@ -291,7 +291,8 @@ def check_pack_options(*, max_tokens, shared_prompt, truncation, pad_token_id, p
             f"pad_token_id={pad_token_id} is outside the vocabulary (vocab_size={vocab_size})")
     check_int("ignore_index", ignore_index)
     require(ignore_index < 0, f"ignore_index must be negative (token ids are >= 0, so a label equal to a "
-                              f"non-negative ignore_index would silently drop that token from scoring), got {ignore_index}")
+                              f"non-negative ignore_index would silently drop that token from scoring), "
+                              f"got {ignore_index}")
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
