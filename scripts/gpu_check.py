@@ -32,7 +32,7 @@ MODES = ("stored", "recompute", "fused")
 PEERS = ("liger", "trl_chunked", "torch_lce", "torch_lce_256", "cce")
 FULL = dict(device="cuda", vocabs=(32000, 50257, 128256), hidden=4096, check_rows=256, kernel_rows=4096,
             ceiling_n=8192, copy_bytes=2 << 30, repeats=10, head_config="G")
-SMOKE = dict(device="cpu", vocabs=(320, 503, 1283), hidden=32, check_rows=12, kernel_rows=48,
+SMOKE = dict(device="cpu", vocabs=(64, 131, 257), hidden=16, check_rows=8, kernel_rows=16,
              ceiling_n=256, copy_bytes=1 << 22, repeats=1, head_config="q1")
 
 
@@ -46,15 +46,16 @@ def parse_args(argv=None):
 
 
 def setup(smoke):
-    """Environment before triton is imported: the interpreter (with the bf16 tl.dot fix) for --smoke."""
+    """Environment before triton is imported: the interpreter (with the bf16 fixes of tests/conftest.py) for --smoke."""
     sys.path[:0] = [os.path.join(ROOT, "tests"), os.path.join(ROOT, "benchmarks")]
     os.environ["TRITON_INTERPRET"] = "1" if smoke else "0"
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     if smoke:
         from triton.runtime import interpreter
 
-        from conftest import interpreter_create_dot_widening_bf16
-        interpreter.InterpreterBuilder.create_dot = interpreter_create_dot_widening_bf16()
+        from conftest import interpreter_bf16_fixes
+        for name, replacement in interpreter_bf16_fixes().items():
+            setattr(interpreter.InterpreterBuilder, name, replacement)
 
 
 class Report:
@@ -104,10 +105,11 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def time_ms(fn, device, repeats):
-    """Median wall time of fn() in ms over `repeats` runs after one warm-up (synchronised)."""
-    fn()
-    synchronize(device)
+def time_ms(fn, device, repeats, warmup=True):
+    """Median wall time of fn() in ms over `repeats` runs (synchronised), after one warm-up run if `warmup`."""
+    if warmup:
+        fn()
+        synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -318,8 +320,8 @@ def head_step(cfg):
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated() if device == "cuda" else 0
-            loss = step()
-            ms = time_ms(step, device, cfg["repeats"])
+            loss = step()  # also the warm-up
+            ms = time_ms(step, device, cfg["repeats"], warmup=False)
             peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20 if device == "cuda" else None
             rows.append({**row, "status": "ok", "ms": ms, "peak_extra_MiB": peak,
                          "loss_rel_err_vs_float64": abs(loss - expected) / abs(expected)})

@@ -1,16 +1,11 @@
-"""fastdpo.sequence_logps against float64.
-
-The Triton launchers' contract changed (row_logp first, in-kernel transforms, write_grad, fp32_precision);
-they are tested directly in test_kernel_row_logps.py / test_kernel_linear_logps.py. Add "triton" to
-BACKENDS again once fastdpo/ops.py consumes that contract.
-"""
+"""fastdpo.sequence_logps on both backends (Triton through the interpreter) against float64."""
 import pytest
 import torch
 
 import fastdpo
 from reference import head_logits_f64, random_labels, rel_err, sequence_logps_f64
 
-BACKENDS = ["torch"]
+BACKENDS = ["torch", "triton"]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
