@@ -388,7 +388,8 @@ def linear_logps_forward(hidden, weight, bias, rows, targets, *, logit_scale=1.0
     """Per-token log-prob, log-sum-exp and logit sum through the LM head, logits never stored.
 
     hidden [N, D], weight [V, D], bias [V] or None (all fp32, bf16 or fp16, one dtype); rows [M] int64
-    (indices into hidden), targets [M] int64 in [0, V). Returns (row_logp, lse, logit_sum), each [M]
+    (indices into hidden), targets [M] int64 in [0, V) (not range-checked here: the caller validates
+    labels). Returns (row_logp, lse, logit_sum), each [M]
     fp32, for z = softcap(logit_scale * (hidden[rows] @ weight.T + bias)) / temperature; row_logp is
     computed from the exact row max (no cancellation). fp32_precision: "ieee" (exact fp32 products) or
     "tf32" (TF32 tensor cores allowed, fp32 inputs on a GPU only). Saves nothing; extra memory

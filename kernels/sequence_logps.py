@@ -111,7 +111,7 @@ def row_logps_forward(logits, targets, *, logit_scale=1.0, softcap=None, tempera
     """Per-row log-prob of the target under z = softcap(logit_scale * logits) / temperature.
 
     logits [N, V] fp32/bf16/fp16 (unit vocabulary stride, any row stride), targets [N] int64 in [0, V)
-    or -1 (no target). Returns (row_logp, lse, logit_sum), each [N] fp32: (z_t - m) - log sum exp(z - m)
+    or -1 (no target; the range is the caller's to check, as the ops layer does for labels). Returns (row_logp, lse, logit_sum), each [N] fp32: (z_t - m) - log sum exp(z - m)
     with m the row max, m + log sum exp(z - m), and sum_v z; all 0 for rows without a target.
     write_grad=True then overwrites `logits` in place with U = (onehot - softmax(z)) * dz/dx (0 for rows
     without a target), in the logits' dtype.

@@ -278,3 +278,33 @@ def test_invalid_options_are_refused():
         linear_logps_forward(hidden, weight, bias[:5], rows, targets)
     with pytest.raises(ValueError, match="grad_rows must be a float32"):
         linear_logps_backward(hidden, weight, bias, rows, targets, torch.zeros(4), grad_rows.double())
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_random_shapes_and_transforms(case):
+    # a seeded sweep over shapes (V from 1, tiles partly filled), dtypes, transforms, bias offsets and
+    # the split count; bound: fp32 tolerance plus the fp32 rounding of z (~2^-23 |z|, inherent)
+    g = torch.Generator().manual_seed(200 + case)
+    pick = lambda *options: options[int(torch.randint(len(options), (1,), generator=g))]
+    dtype, V = (torch.float32, torch.bfloat16)[case % 2], (1, 31, 64, 97, 150, 203)[case]
+    D = pick(16, 24, 48)
+    N = int(torch.randint(2, 40, (1,), generator=g))
+    M = int(torch.randint(2, N + 1, (1,), generator=g))  # make_inputs sets the first two targets
+    hidden, weight, bias, rows, targets, grad_rows = make_inputs(dtype, N=N, D=D, V=V, M=M, seed=300 + case)
+    if bias is not None:
+        bias = (bias.float() + pick(0.0, 30.0, -100.0)).to(dtype)
+    kw = dict(logit_scale=pick(1.0, 0.6, 2.0), softcap=pick(None, 2.0, 20.0), temperature=pick(1.0, 0.5, 2.5))
+    run = dict(blocks=BLOCKS, target_programs=pick(None, 1))
+    r_logp, r_lse, r_sum, *r_grads = reference(hidden, weight, bias, rows, targets, grad_rows, **kw)
+    logp, lse, logit_sum = linear_logps_forward(hidden, weight, bias, rows, targets, **kw, **run)
+    grads = linear_logps_backward(hidden, weight, bias, rows, targets, lse, grad_rows, **kw, **run)
+    z_max = r_lse.abs().max().item() + math.log(V) + 1.0
+    z_round = 2.0 ** -22 * z_max
+    assert ((logp.double() - r_logp).abs() <= 1e-5 * r_logp.abs() + 1e-6 + 2 * z_round).all()
+    assert ((lse.double() - r_lse).abs() <= 1e-5 * r_lse.abs() + 1e-6 + z_round).all()
+    assert ((logit_sum.double() - r_sum).abs() <= 1e-5 * r_sum.abs().max() + 1e-6 + V * z_round).all()
+    for name, a, e in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, r_grads):
+        if e is not None:
+            assert a.dtype == dtype, name
+            scale = max(e.abs().max().item(), 1e-3)  # V = 1: the exact gradient is 0 (float64 leaves ~1e-11)
+            assert (a.double() - e).abs().max() <= (TOL[dtype]["rtol"] + 4 * z_round) * scale, name

@@ -210,3 +210,42 @@ def test_invalid_tensors_are_refused():
         row_logps_backward(logits, targets, torch.zeros(3), torch.ones(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="out must match logits"):
         row_logps_backward(logits, targets, torch.zeros(3), torch.ones(3), out=logits.bfloat16())
+
+
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("case", range(12))
+def test_random_shapes_transforms_and_offsets(case):
+    # a seeded sweep: shapes (V from 1, single blocks and partial blocks), unscored rows, transforms and
+    # logit offsets up to 1e4. Bound: fp32 tolerance plus the fp32 rounding of z itself (~2^-23 |z|,
+    # present in any fp32 implementation once logit_scale / temperature are not 1).
+    g = torch.Generator().manual_seed(100 + case)
+    pick = lambda *options: options[int(torch.randint(len(options), (1,), generator=g))]
+    N, V = int(torch.randint(1, 9, (1,), generator=g)), pick(1, 2, 17, 64, 65, 200)
+    dtype = pick(torch.float32, torch.bfloat16)
+    kw = dict(logit_scale=pick(1.0, 0.5, 2.5), softcap=pick(None, 1.5, 30.0), temperature=pick(1.0, 0.7, 3.0))
+    offset = pick(0.0, -50.0, 1e3, 1e4)
+    if case % 3 == 0:  # untransformed large logits: z is exact, so row_logp must be too
+        kw, offset = dict(logit_scale=1.0, softcap=None, temperature=1.0), pick(1e3, 1e4)
+    logits = (torch.randn(N, V, generator=g) * pick(0.1, 3.0, 20.0) + offset).to(dtype)
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[torch.rand(N, generator=g) < 0.3] = -1
+    grad_rows = torch.randn(N, generator=g)
+    r_logp, r_lse, r_sum, r_grad = reference(logits, targets, grad_rows, **kw)
+    z_scale = kw["logit_scale"] / kw["temperature"] * (logits.double().abs().max().item() if kw["softcap"] is None
+                                                       else kw["softcap"])
+    z_round = 0.0 if kw["logit_scale"] == kw["temperature"] == 1.0 else 2.0 ** -22 * z_scale
+
+    row_logp, lse, logit_sum = row_logps_forward(logits, targets, **kw)
+    assert ((row_logp.double() - r_logp).abs() <= 1e-5 * r_logp.abs() + 1e-6 + 2 * z_round).all()
+    assert ((lse.double() - r_lse).abs() <= 1e-5 * r_lse.abs() + 1e-6 + z_round).all()
+    assert ((logit_sum.double() - r_sum).abs() <= 1e-5 * r_sum.abs().max() + 1e-6 + V * z_round).all()
+    buffer = logits.clone()
+    row_logps_forward(buffer, targets, write_grad=True, **kw)
+    grad = row_logps_backward(logits, targets, lse, grad_rows, **kw)
+    *_, r_u = reference(logits, targets, torch.ones(N), **kw)
+    scale = r_u.abs().max().item() or 1.0
+    assert (buffer.double() - r_u).abs().max() <= TOL[dtype] * scale + 2 * z_round * kw["logit_scale"] / kw["temperature"]
+    # backward takes softmax from the stored lse: its fp32 rounding (|lse| * 2^-24) adds to the bound
+    lse_round = 2.0 ** -23 * lse.abs().max().item()
+    grad_scale = r_grad.abs().max().item() or 1.0
+    assert (grad.double() - r_grad).abs().max() <= (TOL[dtype] + 2 * z_round + lse_round) * grad_scale
