@@ -5,12 +5,13 @@
 """
 __version__ = "0.1.0"
 
-from .dpo import DPOOutput, loss
+from .dpo import DPOOutput, EmptySequenceWarning, loss
 from .logps import SequenceLogps, sequence_logps
 from .losses import LOSS_TYPES, preference_loss
 from .model import model_loss
-from .packing import PackedBatch, pack_pairs
+from .packing import PackedBatch, PairCollator, pack_pairs, pack_rows
 from .ref_cache import ReferenceCache
 
 __all__ = ["loss", "DPOOutput", "sequence_logps", "SequenceLogps", "preference_loss", "LOSS_TYPES",
-           "model_loss", "pack_pairs", "PackedBatch", "ReferenceCache"]
+           "model_loss", "pack_pairs", "PackedBatch", "ReferenceCache",
+           "EmptySequenceWarning", "pack_rows", "PairCollator"]

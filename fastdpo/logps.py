@@ -3,11 +3,17 @@ from typing import NamedTuple
 
 import torch
 
-from .ops import linear_sequence_logps, logits_sequence_logps
+from .head import HEAD_MODES
+from .ops import BACKENDS, linear_sequence_logps, logits_sequence_logps
+from .validate import check_bool, check_choice, check_int, check_real, check_same_device, check_tensor, require
+
+INDEX_DTYPES = (torch.int64, torch.int32)
+FP32_PRECISIONS = ("ieee", "tf32")
+DEFAULT_HEAD_OPTIONS = dict(head_mode="auto", head_memory_budget=None, fp32_precision="ieee")
 
 
 class SequenceLogps(NamedTuple):
-    logps: torch.Tensor  # [S] float32, sum of log p(token) over each sequence's scored tokens
+    logps: torch.Tensor  # [S] float32 (float64 for float64 inputs), sum of log p(token) over scored tokens
     n_tokens: torch.Tensor  # [S] int64, number of scored tokens
 
 
@@ -17,134 +23,215 @@ class TokenTargets(NamedTuple):
     seq_index: torch.Tensor  # [N] int64, -1 = no sequence
     num_sequences: int
     vocab_size: int  # the targets were validated against [0, vocab_size)
-
-
-def _require(condition, message):
-    if not condition:
-        raise ValueError(message)
+    rows: torch.Tensor  # [M] int64, the tokens with a target (shared by the policy and the reference)
+    n_tokens: torch.Tensor  # [S] int64, scored tokens per sequence
 
 
 def token_targets(labels, seq_ids, *, vocab_size, ignore_index, shift, num_sequences=None):
-    """Validate labels [R, T] (or [T]) and seq_ids (same shape) and flatten them to a TokenTargets."""
-    _require(isinstance(labels, torch.Tensor) and labels.dtype in (torch.int64, torch.int32),
-             f"labels must be an int64 or int32 tensor, got "
-             f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}")
-    _require(labels.dim() in (1, 2), f"labels must have shape [R, T] or [T], got {tuple(labels.shape)}")
+    """Validate labels [R, T] (or [T]) and seq_ids (same shape) and flatten them to a TokenTargets.
+
+    The data-dependent checks (label range, seq_ids range, the number of sequences and of scored tokens)
+    come to the host in one transfer; everything else stays on the device.
+    """
+    check_tensor("labels", labels, dtypes=INDEX_DTYPES)
+    require(labels.dim() in (1, 2), f"labels must have shape [R, T] or [T], got {tuple(labels.shape)}")
+    require(labels.numel() > 0, f"labels must have at least one row and one position, got shape "
+                                f"{tuple(labels.shape)} (empty batch)")
+    check_int("num_sequences", num_sequences, minimum=1, optional=True)
     rows = labels.long().reshape(-1, labels.shape[-1])
-    _require(rows.numel() > 0, f"empty batch: labels has shape {tuple(labels.shape)}")
     if seq_ids is None:
+        require(num_sequences in (None, rows.shape[0]),
+                f"num_sequences must equal the number of rows of labels ({rows.shape[0]}) when seq_ids is not "
+                f"given (each row is one sequence), got {num_sequences}; pass seq_ids for packed rows")
+        num_sequences = rows.shape[0]
         seq = torch.arange(rows.shape[0], device=rows.device)[:, None].expand_as(rows)
-        num_sequences = rows.shape[0] if num_sequences is None else num_sequences
     else:
-        _require(isinstance(seq_ids, torch.Tensor) and seq_ids.dtype in (torch.int64, torch.int32),
-                 "seq_ids must be an int64 or int32 tensor")
-        _require(seq_ids.shape == labels.shape,
-                 f"seq_ids must have the shape of labels {tuple(labels.shape)}, got {tuple(seq_ids.shape)}")
+        check_tensor("seq_ids", seq_ids, dtypes=INDEX_DTYPES)
+        require(seq_ids.shape == labels.shape,
+                f"seq_ids must have the shape of labels {tuple(labels.shape)}, got {tuple(seq_ids.shape)}")
+        check_same_device(labels=labels, seq_ids=seq_ids)
         seq = seq_ids.long().reshape(rows.shape)
-        if num_sequences is None:
-            num_sequences = int(seq.max()) + 1
-        _require(bool((seq >= -1).all() and (seq < num_sequences).all()),
-                 f"seq_ids must lie in [-1, {num_sequences}) (-1 = no sequence)")
     if shift:  # logits at t are scored against labels[t + 1]
-        last = torch.full_like(rows[:, :1], ignore_index)
-        rows = torch.cat([rows[:, 1:], last], dim=1)
-        seq = torch.cat([seq[:, 1:], torch.full_like(last, -1)], dim=1)
-    scored = (rows != ignore_index) & (seq >= 0)
-    out_of_range = scored & ((rows < 0) | (rows >= vocab_size))
-    if bool(out_of_range.any()):
-        bad = rows[out_of_range][0].item()
-        raise ValueError(f"labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
-                         f"found {bad}")
+        rows = torch.cat([rows[:, 1:], torch.full_like(rows[:, :1], ignore_index)], dim=1)
+        seq_scored = torch.cat([seq[:, 1:], torch.full_like(seq[:, :1], -1)], dim=1)
+    else:
+        seq_scored = seq
+    scored = (rows != ignore_index) & (seq_scored >= 0)
+    out_of_range = (scored & ((rows < 0) | (rows >= vocab_size))).reshape(-1)
+    first_bad = rows.reshape(-1).index_select(0, out_of_range.to(torch.uint8).argmax().reshape(1))[0]
+    n_bad, bad, seq_min, seq_max, n_scored = torch.stack(
+        [out_of_range.sum(), first_bad, seq.min(), seq.max(), scored.sum()]).tolist()  # the one host sync
+    if num_sequences is None:
+        require(seq_max >= 0, "seq_ids hold no sequence (all -1): nothing to score")
+        num_sequences = seq_max + 1
+    require(seq_min >= -1 and seq_max < num_sequences,
+            f"seq_ids must lie in [-1, {num_sequences}) (-1 = no sequence; num_sequences={num_sequences}), "
+            f"found {seq_min if seq_min < -1 else seq_max}")
+    require(n_bad == 0, f"labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; found {bad} "
+                        f"({n_bad} scored position(s) out of range)")
     targets = torch.where(scored, rows, -1).reshape(-1)
-    seq_index = torch.where(scored, seq, -1).reshape(-1)
-    return TokenTargets(targets, seq_index, num_sequences, vocab_size)
+    seq_index = torch.where(scored, seq_scored, -1).reshape(-1)
+    scored_rows = torch.nonzero_static(scored.reshape(-1), size=n_scored).squeeze(1)
+    n_tokens = torch.zeros(num_sequences, dtype=torch.int64, device=rows.device).index_add_(
+        0, seq_index[scored_rows], torch.ones_like(scored_rows))
+    return TokenTargets(targets, seq_index, num_sequences, vocab_size, scored_rows, n_tokens)
 
 
-def _check_float(name, tensor):
-    _require(isinstance(tensor, torch.Tensor) and tensor.is_floating_point(),
-             f"{name} must be a floating-point tensor, got "
-             f"{tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__}")
+def check_transforms(*, logit_scale, softcap, temperature):
+    """z = softcap(logit_scale * x) / temperature: logit_scale and temperature > 0, softcap None or > 0."""
+    check_real("logit_scale", logit_scale, positive=True)
+    check_real("softcap", softcap, positive=True, optional=True)
+    check_real("temperature", temperature, positive=True)
 
 
-def _check_finite(name, logps):
-    if not bool(torch.isfinite(logps).all()):
-        raise FloatingPointError(f"non-finite sequence log-probs: {name} contain NaN or inf "
+def check_head_options(*, head_mode, head_memory_budget, fp32_precision):
+    """The fused form's LM-head options (see fastdpo.head): mode, memory budget in bytes, fp32 products."""
+    check_choice("head_mode", head_mode, HEAD_MODES)
+    check_int("head_memory_budget", head_memory_budget, minimum=1, optional=True)
+    check_choice("fp32_precision", fp32_precision, FP32_PRECISIONS)
+
+
+def refuse_head_options_without_head(head_options):
+    """head_mode / head_memory_budget / fp32_precision act on the fused LM head only: refuse them otherwise."""
+    check_head_options(**head_options)
+    changed = [name for name, value in head_options.items() if value != DEFAULT_HEAD_OPTIONS[name]]
+    require(not changed, f"{', '.join(changed)} only apply to the fused LM-head form (hidden=, weight=), not to "
+                         f"logits input: drop them")
+
+
+def check_finite_logps(named_logps, *, also=()):
+    """One fused NaN/inf check over the named [S] results (None entries skipped) and one host transfer,
+    which also brings the 0-d integer tensors `also` (their values are returned). The error names the
+    non-finite results."""
+    given = {name: logps for name, logps in named_logps.items() if logps is not None}
+    flags = [torch.isfinite(logps).all().long() for logps in given.values()]
+    values = torch.stack(flags + list(also)).tolist()
+    bad = [name for name, ok in zip(given, values) if not ok]
+    if bad:
+        raise FloatingPointError(f"non-finite sequence log-probs: {' and '.join(bad)} contain NaN or inf "
                                  f"(pass check_finite=False to let them propagate)")
+    return values[len(flags):]
+
+
+def _check_fused_inputs(hidden, weight, bias, labels):
+    check_tensor("hidden", hidden, floating=True)
+    check_tensor("weight", weight, floating=True)
+    check_tensor("bias", bias, floating=True, optional=True)
+    require(weight.dim() == 2 and weight.numel() > 0, f"weight must have shape [V, D] with V, D >= 1, "
+                                                      f"got {tuple(weight.shape)}")
+    vocab_size, dim = weight.shape
+    require(hidden.shape[:-1] == labels.shape and hidden.shape[-1] == dim,
+            f"hidden must have shape {tuple(labels.shape) + (dim,)} (labels shape + weight's D), "
+            f"got {tuple(hidden.shape)}")
+    require(hidden.dtype == weight.dtype,
+            f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype} (cast one of them)")
+    require(bias is None or (bias.shape == (vocab_size,) and bias.dtype == weight.dtype),
+            f"bias must have shape ({vocab_size},) and dtype {weight.dtype}, "
+            f"got {None if bias is None else (tuple(bias.shape), bias.dtype)}")
+    check_same_device(labels=labels, hidden=hidden, weight=weight, bias=bias)
+    return vocab_size
+
+
+def _check_logits_input(logits, labels):
+    check_tensor("logits", logits, floating=True)
+    require(logits.dim() == labels.dim() + 1 and logits.shape[:-1] == labels.shape and logits.shape[-1] > 0,
+            f"logits must have shape {tuple(labels.shape)} + (V,) with V >= 1 to match labels, "
+            f"got {tuple(logits.shape)}")
+    check_same_device(labels=labels, logits=logits)
+    return logits.shape[-1]
+
+
+def _float64_backend(backend, dtype):
+    """float64 inputs run on the PyTorch twin (float64 math); the Triton kernels compute in float32."""
+    if dtype != torch.float64 or backend == "torch":
+        return backend
+    require(backend == "auto", "float64 inputs are computed by the PyTorch twin only (float64 results): "
+                               "use backend='torch' or 'auto', or cast the inputs to float32")
+    return "torch"
 
 
 def compute_sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=None, weight=None, bias=None,
                            ignore_index=-100, shift=True, num_sequences=None, logit_scale=1.0, softcap=None,
-                           temperature=1.0, backend="auto", check_finite=True, inplace_backward=False, plan=None):
+                           temperature=1.0, backend="auto", check_finite=True, inplace_backward=False,
+                           head_mode="auto", head_memory_budget=None, fp32_precision="ieee", plan=None):
     """`sequence_logps` plus the per-sequence logit sums (for TRL's logits/* metrics).
 
-    `plan` reuses the TokenTargets of an earlier call on the same labels (the reference model scores the
-    policy's tokens). Returns (logps [S] fp32, n_tokens [S] int64, logit_sums [S] fp32, plan).
+    The head options are validated always and used by the fused form only (the public entry points refuse
+    them for logits input). `plan` reuses the TokenTargets of an earlier call on the same labels (the
+    reference model scores the policy's tokens). Returns (logps [S], n_tokens [S] int64, logit_sums [S],
+    plan); logps and logit_sums are float32 (float64 for float64 inputs).
     """
-    _require(labels is not None, "labels is required")
+    require(labels is not None, "labels is required")
+    check_tensor("labels", labels, dtypes=INDEX_DTYPES)
+    check_int("ignore_index", ignore_index)
+    for name, flag in (("shift", shift), ("check_finite", check_finite), ("inplace_backward", inplace_backward)):
+        check_bool(name, flag)
+    check_transforms(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
+    check_choice("backend", backend, BACKENDS)
+    head_options = dict(head_mode=head_mode, head_memory_budget=head_memory_budget, fp32_precision=fp32_precision)
+    check_head_options(**head_options)
     fused = hidden is not None or weight is not None
-    _require(fused != (logits is not None),
-             "pass either logits, or hidden and weight (the fused LM-head form), not both")
+    require(fused != (logits is not None), "pass either logits, or hidden and weight (the fused LM-head form), "
+                                           "not both")
     if fused:
-        _check_float("hidden", hidden)
-        _check_float("weight", weight)
-        _require(weight.dim() == 2, f"weight must have shape [V, D], got {tuple(weight.shape)}")
-        vocab_size, dim = weight.shape
-        _require(hidden.shape[:-1] == labels.shape and hidden.shape[-1] == dim,
-                 f"hidden must have shape {tuple(labels.shape) + (dim,)} (labels shape + weight's D), "
-                 f"got {tuple(hidden.shape)}")
-        _require(hidden.dtype == weight.dtype,
-                 f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype} (cast one of them)")
-        if bias is not None:
-            _require(bias.shape == (vocab_size,) and bias.dtype == weight.dtype,
-                     f"bias must have shape ({vocab_size},) and dtype {weight.dtype}, "
-                     f"got {tuple(bias.shape)} {bias.dtype}")
-        _require(softcap is None or softcap > 0, f"softcap must be None or > 0, got {softcap}")
-        _require(temperature > 0, f"temperature must be > 0, got {temperature}")
+        vocab_size = _check_fused_inputs(hidden, weight, bias, labels)
+        require(not inplace_backward, "inplace_backward=True applies to the logits form only (the fused form "
+                                      "never stores logits)")
     else:
-        _check_float("logits", logits)
-        vocab_size = logits.shape[-1]
-        _require(logits.shape[:-1] == labels.shape,
-                 f"logits must have shape {tuple(labels.shape)} + (V,) to match labels, got {tuple(logits.shape)}")
+        require(bias is None, "bias applies to the fused form (hidden, weight) only, not to logits")
+        vocab_size = _check_logits_input(logits, labels)
+    require(not 0 <= ignore_index < vocab_size,
+            f"ignore_index must lie outside the vocabulary [0, {vocab_size}) so that it cannot be mistaken for a "
+            f"token id, got {ignore_index}")
+    inputs = hidden if fused else logits
+    backend = _float64_backend(backend, inputs.dtype)
     if plan is None:
         plan = token_targets(labels, seq_ids, vocab_size=vocab_size, ignore_index=ignore_index, shift=shift,
                              num_sequences=num_sequences)
-    _require(plan.vocab_size == vocab_size,
-             f"the reference vocabulary ({vocab_size}) differs from the policy's ({plan.vocab_size})")
+    require(plan.vocab_size == vocab_size,
+            f"the reference vocabulary ({vocab_size}) differs from the policy's ({plan.vocab_size})")
+    transforms = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
     if fused:
         logps, logit_sums = linear_sequence_logps(
-            hidden.reshape(-1, hidden.shape[-1]), weight, bias, *plan[:3], backend=backend,
-            logit_scale=logit_scale, softcap=softcap, temperature=temperature)
+            hidden.reshape(-1, hidden.shape[-1]), weight, bias, *plan[:3], backend=backend, rows=plan.rows,
+            **transforms, **head_options)
     else:
         flat = logits.reshape(-1, vocab_size)
         if flat.stride(1) != 1:
             flat = flat.contiguous()
         logps, logit_sums = logits_sequence_logps(flat, *plan[:3], backend=backend,
-                                                  inplace_backward=inplace_backward, logit_scale=logit_scale,
-                                                  softcap=softcap, temperature=temperature)
+                                                  inplace_backward=inplace_backward, **transforms)
     if check_finite:
-        _check_finite("hidden/weight" if fused else "logits", logps)
-    n_tokens = torch.bincount(plan.seq_index[plan.seq_index >= 0], minlength=plan.num_sequences)
-    return logps, n_tokens, logit_sums, plan
+        check_finite_logps({"hidden/weight" if fused else "logits": logps})
+    return logps, plan.n_tokens, logit_sums, plan
 
 
 def sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=None, weight=None, bias=None,
                    ignore_index=-100, shift=True, num_sequences=None, logit_scale=1.0, softcap=None,
-                   temperature=1.0, backend="auto", check_finite=True, inplace_backward=False):
+                   temperature=1.0, backend="auto", check_finite=True, inplace_backward=False, head_mode="auto",
+                   head_memory_budget=None, fp32_precision="ieee"):
     """Summed log-probability of each sequence's target tokens.
 
-    Logits form: logits [R, T, V] (fp32/bf16/fp16) with labels [R, T] (or [T, V] with [T]).
+    Logits form: logits [R, T, V] (fp32/bf16/fp16/fp64) with labels [R, T] (or [T, V] with [T]).
     Fused form: hidden [R, T, D], weight [V, D], bias [V] | None: the LM head is applied tile by tile and
-    the logits z = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature are never stored.
+    the logits z = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature are kept within
+    head_memory_budget bytes (None = library default) as head_mode says ("auto", "stored", "recompute",
+    "fused": see fastdpo.head); fp32_precision "ieee" (exact fp32 products) or "tf32" (TF32 allowed on GPU).
+    The logits form scores z = softcap(logit_scale * logits) / temperature.
     labels are Hugging Face style: with shift=True the logits at t are scored against labels[..., t + 1];
-    ignore_index marks tokens with no target. Without seq_ids each row is one sequence; seq_ids (shape of
-    labels, -1 = none) lets one row hold several sequences. Returns SequenceLogps(logps [S] float32,
-    n_tokens [S] int64). A sequence with no scored token has logps 0 and n_tokens 0.
+    ignore_index (outside [0, V)) marks tokens with no target. Without seq_ids each row is one sequence
+    (num_sequences, if given, must equal R); seq_ids (shape of labels, -1 = none) lets one row hold several
+    sequences, numbered [0, num_sequences). Returns SequenceLogps(logps [S] float32, or float64 for float64
+    inputs, n_tokens [S] int64). A sequence with no scored token has logps 0 and n_tokens 0.
     check_finite raises FloatingPointError when a result is NaN/inf (a NaN/+inf logit in a scored row, or
     -inf at a target); inplace_backward writes grad_logits into the logits buffer (logits form only).
     """
+    head_options = dict(head_mode=head_mode, head_memory_budget=head_memory_budget, fp32_precision=fp32_precision)
+    if logits is not None:
+        refuse_head_options_without_head(head_options)
     logps, n_tokens, _, _ = compute_sequence_logps(
         logits, labels, seq_ids, hidden=hidden, weight=weight, bias=bias, ignore_index=ignore_index,
         shift=shift, num_sequences=num_sequences, logit_scale=logit_scale, softcap=softcap,
         temperature=temperature, backend=backend, check_finite=check_finite,
-        inplace_backward=inplace_backward)
+        inplace_backward=inplace_backward, **head_options)
     return SequenceLogps(logps, n_tokens)

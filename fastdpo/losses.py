@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .validate import check_bool, check_real
+
 __all__ = [
     "F_DIVERGENCE_TYPES",
     "LOSS_PARAMS",
@@ -383,14 +385,13 @@ def _check_loss_weights(loss_weights: Sequence[float] | None, types: tuple[str, 
             f"loss_weights must have one weight per loss_type: expected {len(types)} for {list(types)}, "
             f"got {len(weights)}"
         )
-    if not all(_is_real(w) for w in weights):
-        raise ValueError(f"loss_weights must be finite real numbers, got {list(weights)}")
+    for k, w in enumerate(weights):
+        check_real(f"loss_weights[{k}]", w)
     return tuple(float(w) for w in weights)
 
 
 def _check_label_smoothing(label_smoothing: float, types: tuple[str, ...]) -> None:
-    if not _is_real(label_smoothing):
-        raise ValueError(f"label_smoothing must be a finite real number, got {label_smoothing!r}")
+    check_real("label_smoothing", label_smoothing)
     users = [t for t in types if _SPECS[t].smoothing is not None]
     if not users and label_smoothing != 0:
         smoothing_types = [t for t in LOSS_TYPES if _SPECS[t].smoothing is not None]
@@ -431,12 +432,9 @@ def _check_params(params: dict[str, object], types: tuple[str, ...]) -> dict[str
                 f"loss parameter {name!r} is not used by loss_type {list(types)} with f_divergence_type={f_div!r}"
             )
 
-    for name in ("alpha", "gamma"):
-        if not _is_real(resolved[name]):
-            raise ValueError(f"{name} must be a finite real number, got {resolved[name]!r}")
-    tau = resolved["discopop_tau"]
-    if not (_is_real(tau) and tau > 0):
-        raise ValueError(f"discopop_tau must be a positive finite number, got {tau!r}")
+    check_real("alpha", resolved["alpha"])
+    check_real("gamma", resolved["gamma"])
+    check_real("discopop_tau", resolved["discopop_tau"], positive=True)
     delta = resolved["bco_delta"]
     if not (_is_real(delta) or (isinstance(delta, Tensor) and delta.ndim == 0 and delta.is_floating_point())):
         raise ValueError(f"bco_delta must be a finite real number or a 0-d floating tensor, got {delta!r}")
@@ -454,8 +452,9 @@ def check_loss_config(
 ) -> LossConfig:
     """Validate a loss configuration (the keyword arguments of `preference_loss`).
 
-    Raises ValueError naming the offending argument and what was expected. The rules:
-      - beta: a finite number > 0.
+    Raises ValueError (TypeError for a value of the wrong type) naming the offending argument and what
+    was expected. The rules:
+      - beta: a finite number > 0 (TypeError for a str or bool, as for every numeric option).
       - loss_type: a name in LOSS_TYPES or a non-empty list of them; 'simpo' only with 'sft'.
       - loss_weights: None (all 1.0) or one finite number per loss type.
       - label_smoothing: must lie in [0, 0.5) for sigmoid, robust, aot, aot_unpaired and simpo,
@@ -467,14 +466,12 @@ def check_loss_config(
 
     The returned LossConfig tells whether reference log-probs and lengths will be needed.
     """
-    if not (_is_real(beta) and beta > 0):
-        raise ValueError(f"beta must be a positive finite number, got {beta!r}")
+    check_real("beta", beta, positive=True)
     types = _check_loss_types(loss_type)
     weights = _check_loss_weights(loss_weights, types)
     _check_label_smoothing(label_smoothing, types)
     resolved = _check_params(params, types)
-    if not isinstance(reference_free, bool):
-        raise ValueError(f"reference_free must be a bool, got {reference_free!r}")
+    check_bool("reference_free", reference_free)
     needs_reference = not reference_free and any(_SPECS[t].uses_reference for t in types)
     needs_lengths = any(_SPECS[t].uses_lengths for t in types)
     return LossConfig(types, weights, needs_reference, needs_lengths, resolved)

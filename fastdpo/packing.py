@@ -19,6 +19,12 @@ Two layouts, chosen with ``pack_pairs(..., shared_prompt=...)``:
   is needed because a position carries one label: the hidden state at ``p_{P-1}`` predicts ``c_0``, the
   one at ``p_{P-1}'`` predicts ``r_0``.
 
+Input rows: ``pack_pairs`` takes three lists of token ids; ``pack_rows`` and ``PairCollator`` (a DataLoader
+``collate_fn``) take tokenized preference rows as TRL 1.16's DPOTrainer makes them (``prompt_ids``,
+``chosen_ids``, ``rejected_ids``; chosen / rejected without the prompt), TRL < 1.0's ``prompt_input_ids`` /
+``chosen_input_ids`` / ``rejected_input_ids``, ``(prompt, chosen, rejected)`` tuples, or a
+``datasets.Dataset`` with those columns.
+
 Whole pairs are placed into rows of at most ``max_tokens`` tokens by first-fit-decreasing bin packing.
 Labels follow the Hugging Face unshifted convention (``-100`` on prompt, the repeated token and padding)
 and ``seq_ids`` follow the TRL numbering (chosen of pair i -> i, rejected -> B + i, -1 elsewhere), so
@@ -48,6 +54,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .validate import check_bool, check_choice, check_int, require
+
 __all__ = [
     "TRUNCATION_POLICIES",
     "PackingWarning",
@@ -55,6 +63,11 @@ __all__ = [
     "PackingReport",
     "PackedBatch",
     "pack_pairs",
+    "pack_rows",
+    "PairCollator",
+    "PAIR_FIELDS",
+    "pair_parts",
+    "rows_to_pairs",
     "pair_length",
     "first_fit_decreasing",
     "balanced_bins",
@@ -67,6 +80,10 @@ __all__ = [
 ]
 
 TRUNCATION_POLICIES = ("error", "keep_end_of_prompt", "truncate_response")
+PAIR_FIELDS = (  # column names of tokenized preference rows, in order of preference
+    ("prompt_ids", "chosen_ids", "rejected_ids"),  # TRL >= 1.0 (DPOTrainer's tokenize step)
+    ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"),  # TRL < 1.0
+)
 
 # branch ids: which part of a pair block a token belongs to (see make_mask_mod)
 BRANCH_PAD = -1
@@ -261,6 +278,23 @@ def _truncate(p, c, r, i, max_tokens, shared, policy):
     return p2, c2, r2, ev
 
 
+def check_pack_options(*, max_tokens, shared_prompt, truncation, pad_token_id, pad_to_multiple_of, ignore_index,
+                       vocab_size):
+    """The options of pack_pairs (TypeError / ValueError naming the option)."""
+    check_int("max_tokens", max_tokens, minimum=4)
+    check_bool("shared_prompt", shared_prompt)
+    check_choice("truncation", truncation, TRUNCATION_POLICIES)
+    check_int("pad_to_multiple_of", pad_to_multiple_of, minimum=1, optional=True)
+    check_int("vocab_size", vocab_size, minimum=1, optional=True)
+    check_int("pad_token_id", pad_token_id, minimum=0)
+    require(vocab_size is None or pad_token_id < vocab_size,
+            f"pad_token_id={pad_token_id} is outside the vocabulary (vocab_size={vocab_size})")
+    check_int("ignore_index", ignore_index)
+    require(ignore_index < 0, f"ignore_index must be negative (token ids are >= 0, so a label equal to a "
+                              f"non-negative ignore_index would silently drop that token from scoring), "
+                              f"got {ignore_index}")
+
+
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Bin packing: items (indices into `lengths`) sorted by decreasing length, each placed into the first
     bin with room. Returns bins as lists of item indices in placement order. Ties keep input order."""
@@ -318,8 +352,12 @@ def pack_pairs(
 
     Returns a :class:`PackedBatch`; ``batch.report`` says how the pairs were packed and which were truncated
     (truncation also emits a :class:`PackingWarning`). Row length T is the longest row, rounded up to
-    ``pad_to_multiple_of``. Pairs are never split across rows.
+    ``pad_to_multiple_of``. Pairs are never split across rows. ``ignore_index`` (the label of positions with
+    no target) must be negative, so that it can never equal a token id.
     """
+    check_pack_options(max_tokens=max_tokens, shared_prompt=shared_prompt, truncation=truncation,
+                       pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of, ignore_index=ignore_index,
+                       vocab_size=vocab_size)
     if not (len(prompts) == len(chosen) == len(rejected)):
         raise ValueError(
             f"prompts, chosen and rejected must have the same length, got {len(prompts)}, {len(chosen)}, {len(rejected)}"
@@ -327,14 +365,6 @@ def pack_pairs(
     B = len(prompts)
     if B == 0:
         raise ValueError("pack_pairs needs at least one preference pair")
-    if truncation not in TRUNCATION_POLICIES:
-        raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 4:
-        raise ValueError(f"max_tokens must be an int >= 4, got {max_tokens!r}")
-    if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
-        raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
-    if vocab_size is not None and not (0 <= pad_token_id < vocab_size):
-        raise ValueError(f"pad_token_id={pad_token_id} is outside the vocabulary (vocab_size={vocab_size})")
 
     pairs, events = [], []
     for i in range(B):
@@ -641,3 +671,66 @@ def layout_token_counts(
     out["shared_vs_padded"] = out["shared"] / out["padded"]
     out["packed_vs_padded"] = out["packed"] / out["padded"]
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# tokenized preference rows (TRL datasets) -> packed batches
+# --------------------------------------------------------------------------------------------------
+
+def pair_parts(row: object) -> tuple:
+    """(prompt, chosen, rejected) token ids of one row: a mapping with the keys of one of PAIR_FIELDS, or a
+    (prompt, chosen, rejected) tuple/list."""
+    if isinstance(row, dict) or hasattr(row, "keys"):
+        for fields in PAIR_FIELDS:
+            if all(k in row for k in fields):
+                return tuple(row[k] for k in fields)
+        raise ValueError(f"a preference row mapping needs the keys {PAIR_FIELDS[0]} (TRL >= 1.0) or "
+                         f"{PAIR_FIELDS[1]} (TRL < 1.0), got keys {sorted(row.keys())}")
+    if isinstance(row, (tuple, list)) and len(row) == 3:
+        return tuple(row)
+    raise TypeError(f"a preference row is a mapping with keys {PAIR_FIELDS[0]} or a (prompt, chosen, rejected) "
+                    f"tuple, got {type(row).__name__}")
+
+
+def rows_to_pairs(rows: object) -> tuple:
+    """(prompts, chosen, rejected) lists from tokenized preference rows: a ``datasets.Dataset`` (its columns are
+    read directly) or a sequence of rows as :func:`pair_parts` takes them."""
+    columns = getattr(rows, "column_names", None)
+    if columns is not None:
+        for fields in PAIR_FIELDS:
+            if set(fields) <= set(columns):
+                return tuple(list(rows[k]) for k in fields)
+        raise ValueError(f"a dataset of preference rows needs the columns {PAIR_FIELDS[0]} (TRL >= 1.0) or "
+                         f"{PAIR_FIELDS[1]} (TRL < 1.0), got {columns}")
+    if isinstance(rows, (str, bytes, dict)) or not isinstance(rows, Sequence):
+        raise TypeError(f"rows must be a datasets.Dataset or a sequence of preference rows, got {type(rows).__name__}")
+    parts = [pair_parts(row) for row in rows]
+    return tuple(list(column) for column in zip(*parts)) if parts else ([], [], [])
+
+
+def pack_rows(rows: object, **pack_kwargs) -> PackedBatch:
+    """:func:`pack_pairs` on tokenized preference rows (TRL 1.16 ``prompt_ids`` / ``chosen_ids`` /
+    ``rejected_ids`` mappings, older TRL names, tuples, or a ``datasets.Dataset``)."""
+    return pack_pairs(*rows_to_pairs(rows), **pack_kwargs)
+
+
+class PairCollator:
+    """``collate_fn`` for a plain PyTorch loop: a list of tokenized preference rows -> :class:`PackedBatch`.
+
+        loader = DataLoader(dataset, batch_size=8, collate_fn=PairCollator(max_tokens=4096))
+        for batch in loader:
+            out = fastdpo.model_loss(policy, batch, ref_model=reference)
+
+    The options are those of :func:`pack_pairs` (checked here, once); rows as :func:`pack_rows` takes them.
+    """
+
+    def __init__(self, *, max_tokens: int, shared_prompt: bool = True, truncation: str = "error",
+                 pad_token_id: int = 0, pad_to_multiple_of: int | None = None, ignore_index: int = -100,
+                 vocab_size: int | None = None):
+        self.options = dict(max_tokens=max_tokens, shared_prompt=shared_prompt, truncation=truncation,
+                            pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of,
+                            ignore_index=ignore_index, vocab_size=vocab_size)
+        check_pack_options(**self.options)
+
+    def __call__(self, rows: Sequence[object]) -> PackedBatch:
+        return pack_rows(rows, **self.options)

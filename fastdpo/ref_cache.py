@@ -11,10 +11,11 @@ batch in TRL order::
     ref_chosen, ref_rejected = cache.lookup(batch_pairs)
     out = fastdpo.loss(..., ref_logps=torch.cat([ref_chosen, ref_rejected]))
 
-A *pair* is the token ids of one preference example: a mapping with TRL's keys
-``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` (chosen / rejected are the
-completions only, without the prompt) or a ``(prompt, chosen, rejected)`` tuple; each entry is a
-list / 1-D tensor / array of ints.
+A *pair* is the token ids of one preference example: a mapping with TRL 1.16's keys ``prompt_ids``,
+``chosen_ids``, ``rejected_ids`` (as its DPOTrainer tokenizes; chosen / rejected are the completions
+only, without the prompt), TRL < 1.0's ``prompt_input_ids``, ``chosen_input_ids``,
+``rejected_input_ids``, or a ``(prompt, chosen, rejected)`` tuple; each entry is a list / 1-D tensor /
+array of ints. ``pairs`` may be a list of those or a ``datasets.Dataset`` with those columns.
 
 What is checked, and how (nothing stale is ever returned silently):
 
@@ -25,14 +26,20 @@ What is checked, and how (nothing stale is ever returned silently):
   The file also records a dataset-level hash (blake2b-256 over the keys in stored order).
 * reference weights: ``reference_id`` is a blake2b-256 over the reference model's state dict
   (every tensor's name, dtype, shape and raw bytes, names sorted), see :func:`weights_fingerprint`.
-  ``load(path, ref_model=...)`` recomputes it and raises on a difference. Cost: one pass over the
-  weights on one core, plus a device-to-host copy for GPU weights; measured ~0.9 GB/s on a
-  2-core CPU machine (200 MB fp32 in 0.22 s), i.e. ~4.5 s for a 1B-parameter fp32 model, ~2.2 s
+  ``load(path, ref_model=...)`` recomputes it and raises on a difference; ``load(path)`` without
+  ``ref_model=`` / ``reference_id=`` cannot tell a cache of another model and warns
+  (:class:`UnverifiedReferenceCacheWarning`) unless ``verify_reference=False`` says so explicitly.
+  Cost of the fingerprint: one pass over the weights on one core, plus a device-to-host copy for GPU
+  weights; measured ~0.9 GB/s on a 2-core CPU machine (200 MB fp32 in 0.22 s), i.e. ~4.5 s for a 1B-parameter fp32 model, ~2.2 s
   in bf16, ~16 s for 7B in bf16. A tiny test model takes milliseconds. A user string (``reference_id="org/model@rev"``)
   can replace the hash where that is too slow.
 * the file itself: format name and version, and a blake2b-256 over the stored tensors'
   bytes (safetensors has no checksum) detect truncated, edited or foreign files
   (:class:`CorruptReferenceCacheError`).
+* durability: ``build`` checks that the destination can be written before computing anything; ``save``
+  writes ``<path>.tmp<pid>``, fsyncs it, renames it over ``path`` and fsyncs the folder; a failed save
+  removes its temporary file, and temporary files left by killed runs (pid no longer running on this
+  machine) are removed.
 
 The log-probs come from ``compute_fn(batch_pairs) -> (chosen [b], rejected [b])``; with a model
 instead, :func:`make_compute_fn` packs the pairs (``fastdpo.packing.pack_pairs``, shared prompt) and
@@ -43,6 +50,7 @@ scaling done at training time, so build it with the same ids the trainer sees.
 from __future__ import annotations
 
 import datetime
+import glob
 import hashlib
 import json
 import os
@@ -53,13 +61,15 @@ import torch
 
 from . import __version__
 from .model import model_sequence_logps
-from .packing import pack_pairs, pair_length
+from .packing import pack_pairs, pair_length, pair_parts
+from .validate import check_bool, check_int, require
 
 __all__ = [
     "ReferenceCache",
     "ReferenceCacheError",
     "StaleReferenceCacheError",
     "CorruptReferenceCacheError",
+    "UnverifiedReferenceCacheWarning",
     "pair_key",
     "dataset_hash",
     "weights_fingerprint",
@@ -69,9 +79,6 @@ __all__ = [
 FORMAT_NAME = "fastdpo.ref_cache"
 FORMAT_VERSION = 1
 KEY_BYTES = 16
-
-_PAIR_FIELDS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
-
 
 class ReferenceCacheError(ValueError):
     """Base class: the cache cannot be used as asked."""
@@ -83,6 +90,10 @@ class StaleReferenceCacheError(ReferenceCacheError):
 
 class CorruptReferenceCacheError(ReferenceCacheError):
     """The file is not a (readable, intact, supported) fastdpo reference cache."""
+
+
+class UnverifiedReferenceCacheWarning(UserWarning):
+    """A cache was loaded without checking which reference model it was built with."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,17 +117,7 @@ def _ids(x: Any, what: str):
 
 
 def _split_pair(pair: Any):
-    if isinstance(pair, dict) or hasattr(pair, "keys"):
-        try:
-            parts = [pair[k] for k in _PAIR_FIELDS]
-        except KeyError as e:
-            raise ValueError(f"a pair mapping needs the keys {_PAIR_FIELDS}, missing {e}") from None
-    elif isinstance(pair, (tuple, list)) and len(pair) == 3:
-        parts = list(pair)
-    else:
-        raise ValueError("a pair is a mapping with keys prompt_input_ids/chosen_input_ids/"
-                         f"rejected_input_ids or a (prompt, chosen, rejected) tuple, got {type(pair)!r}")
-    return tuple(_ids(p, name) for p, name in zip(parts, ("prompt", "chosen", "rejected")))
+    return tuple(_ids(p, name) for p, name in zip(pair_parts(pair), ("prompt", "chosen", "rejected")))
 
 
 def pair_key(pair: Any) -> bytes:
@@ -232,6 +233,46 @@ def make_compute_fn(model: torch.nn.Module, *, pad_token_id: int = 0
 # the cache
 
 
+def _temp_path(path: str, pid: int) -> str:
+    return f"{path}.tmp{pid}"
+
+
+def _check_destination(path: str) -> None:
+    """Fail before any work if a new file cannot be written next to `path` (names path and the reason)."""
+    if os.path.isdir(path):
+        raise ReferenceCacheError(f"cannot write the reference cache to {path}: it is a directory")
+    probe = _temp_path(path, os.getpid())
+    try:
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ReferenceCacheError(f"cannot write the reference cache to {path}: {e.strerror or e} "
+                                  f"(checked before computing anything)") from e
+
+
+def _remove_stale_temp_files(path: str) -> None:
+    """Remove `<path>.tmp<pid>` files of processes that no longer run (a run killed during save)."""
+    for temp in glob.glob(glob.escape(path) + ".tmp*"):
+        pid = temp[len(path) + len(".tmp"):]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            os.remove(temp)
+        except PermissionError:  # the process exists (another user's)
+            pass
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _progress(total: int, enabled: bool, desc: str):
     if not enabled:
         return None
@@ -288,11 +329,25 @@ class ReferenceCache:
         fingerprinted) or a ``compute_fn(batch_pairs) -> (chosen [b], rejected [b])``. With a
         compute_fn, pass ``ref_model`` (fingerprinted) or ``reference_id`` (any string naming the
         reference) so stale references can be detected; without either the cache records none and
-        warns. Pairs are deduplicated and, with ``sort_by_length``, batched by length to cut padding.
-        ``metadata``: extra JSON-able user information stored in the file.
+        warns. Pairs (a list of rows or a ``datasets.Dataset``) are deduplicated and, with
+        ``sort_by_length``, batched by length to cut padding. ``metadata``: extra JSON-able user
+        information stored in the file. The destination is checked to be writable before anything is
+        computed.
         """
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+        check_int("batch_size", batch_size, minimum=1)
+        check_int("pad_token_id", pad_token_id, minimum=0)
+        check_bool("sort_by_length", sort_by_length)
+        check_bool("progress", progress)
+        if reference_id is not None and not isinstance(reference_id, str):
+            raise TypeError(f"reference_id must be a str or None, got {type(reference_id).__name__}")
+        try:
+            user_metadata = json.dumps(metadata or {}, sort_keys=True)
+        except TypeError as e:
+            raise TypeError(f"metadata must be JSON-serialisable: {e}") from None
+        if path is not None:
+            path = os.fspath(path)
+            _check_destination(path)
+            _remove_stale_temp_files(path)
         if isinstance(source, torch.nn.Module):
             ref_model = source if ref_model is None else ref_model
             compute_fn = make_compute_fn(source, pad_token_id=pad_token_id)
@@ -366,7 +421,7 @@ class ReferenceCache:
             "reference_id": reference_id,
             "reference_id_kind": id_kind,
             "reference_summary": json.dumps(summary, sort_keys=True),
-            "user_metadata": json.dumps(metadata or {}, sort_keys=True),
+            "user_metadata": user_metadata,
         }
         cache = cls(key_t, chosen, rejected, meta)
         if path is not None:
@@ -379,30 +434,46 @@ class ReferenceCache:
                 "rejected_logps": self.rejected_logps.contiguous()}
 
     def save(self, path: "str | os.PathLike") -> None:
-        """Write the safetensors file atomically (temporary file + rename)."""
+        """Write the safetensors file atomically and durably: temporary file, fsync, rename, fsync of the
+        folder. A failed save removes its temporary file; those of killed runs are removed too."""
         from safetensors.torch import save_file
 
         tensors = self._tensors()
         meta = dict(self.metadata)
         meta["payload_hash"] = _payload_hash(tensors)
         path = os.fspath(path)
-        tmp = f"{path}.tmp{os.getpid()}"
+        _remove_stale_temp_files(path)
+        tmp = _temp_path(path, os.getpid())
         try:
             save_file(tensors, tmp, metadata=meta)
+            _fsync(tmp)
             os.replace(tmp, path)
+            _fsync(os.path.dirname(os.path.abspath(path)))
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
 
     @classmethod
     def load(cls, path: "str | os.PathLike", pairs: "Iterable[Any] | None" = None, *,
-             ref_model: "torch.nn.Module | None" = None, reference_id: "str | None" = None) -> "ReferenceCache":
+             ref_model: "torch.nn.Module | None" = None, reference_id: "str | None" = None,
+             verify_reference: bool = True) -> "ReferenceCache":
         """Open a cache file and verify it.
 
         Always checks the format, version and payload hash (:class:`CorruptReferenceCacheError`).
         ``pairs``: every pair must be in the cache; ``ref_model``: its weights fingerprint must equal
         the stored one; ``reference_id``: must equal the stored id (:class:`StaleReferenceCacheError`).
+        Without ``ref_model`` / ``reference_id`` nothing tells a cache of another reference model: that
+        warns (:class:`UnverifiedReferenceCacheWarning`) unless ``verify_reference=False`` opts out
+        explicitly. Without ``pairs`` the data is still checked pair by pair in :meth:`lookup`.
         """
+        check_bool("verify_reference", verify_reference)
+        require(verify_reference or (ref_model is None and reference_id is None),
+                "verify_reference=False contradicts ref_model= / reference_id=: pass one or the other")
+        if verify_reference and ref_model is None and reference_id is None:
+            warnings.warn(f"ReferenceCache.load({os.fspath(path)!r}) without ref_model= or reference_id=: the cache "
+                          "is not checked against the reference model and may hold another model's log-probs "
+                          "(pass ref_model=, reference_id=, or verify_reference=False to accept it as is)",
+                          UnverifiedReferenceCacheWarning, stacklevel=2)
         from safetensors import safe_open
 
         path = os.fspath(path)

@@ -33,8 +33,9 @@ def segment_sum(values, seq_index, num_sequences):
     if num_sequences == 0:
         return out
     order = torch.argsort(seq_index, stable=True)  # -1 tokens first, then sequence 0, 1, ...
-    counts = torch.bincount(seq_index + 1, minlength=num_sequences + 1)
-    offsets = torch.cumsum(counts, 0)  # offsets[s] .. offsets[s + 1] are the tokens of sequence s
+    # offsets[s] .. offsets[s + 1] are the tokens of sequence s (searchsorted: no host sync, unlike bincount)
+    levels = torch.arange(-1, num_sequences, device=seq_index.device)
+    offsets = torch.searchsorted(seq_index[order], levels, right=True)
     _segment_sum_kernel[(num_sequences, C)](
         values, values.stride(0), order, offsets, out, out.stride(0), BLOCK=BLOCK, num_warps=4,
     )

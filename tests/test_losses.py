@@ -391,7 +391,11 @@ BAD_CONFIGS = [
     ({"beta": float("nan")}, r"beta must be a positive"),
     ({"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0]}, r"loss_weights must have one weight .*expected 2"),
     ({"loss_weights": [1.0, 2.0]}, r"loss_weights must have one weight .*expected 1 .*got 2"),
-    ({"loss_weights": [float("inf")]}, r"loss_weights must be finite"),
+    ({"loss_weights": [float("inf")]}, r"loss_weights\[0\] must be a finite number"),
+    ({"loss_weights": ["1"]}, r"loss_weights\[0\] must be a finite number", TypeError),
+    ({"beta": "0.1"}, r"beta must be a positive finite number, got str", TypeError),
+    ({"beta": True}, r"beta must be a positive finite number, got bool", TypeError),
+    ({"label_smoothing": "0.1"}, r"label_smoothing must be a finite number", TypeError),
     ({"label_smoothing": 0.5}, r"label_smoothing must lie in \[0, 0.5\) for loss_type 'sigmoid'"),
     ({"label_smoothing": -0.1, "loss_type": "robust"}, r"label_smoothing must lie in \[0, 0.5\) for .*'robust'"),
     ({"loss_type": "exo_pair"}, r"label_smoothing must lie in \(0, 1\) for loss_type 'exo_pair'"),
@@ -405,18 +409,18 @@ BAD_CONFIGS = [
     ({"loss_type": "aot", "f_divergence_type": "forward_kl"}, r"f_divergence_type='forward_kl' is only supported"),
     ({"loss_type": "discopop", "discopop_tau": 0.0}, r"discopop_tau must be a positive"),
     ({"loss_type": "simpo", "gamma": float("inf")}, r"gamma must be a finite"),
-    ({"f_divergence_type": "alpha_divergence", "alpha": "x"}, r"alpha must be a finite"),
+    ({"f_divergence_type": "alpha_divergence", "alpha": "x"}, r"alpha must be a finite", TypeError),
     ({"loss_type": "bco_pair", "bco_delta": torch.zeros(2)}, r"bco_delta must be"),
-    ({"reference_free": 1}, r"reference_free must be a bool"),
+    ({"reference_free": 1}, r"reference_free must be a bool", TypeError),
 ]
 
 
-@pytest.mark.parametrize("kwargs,match", BAD_CONFIGS)
-def test_bad_config_raises(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize("kwargs,match,error", [case + (ValueError,) * (3 - len(case)) for case in BAD_CONFIGS])
+def test_bad_config_raises(kwargs, match, error):
+    with pytest.raises(error, match=match):
         check_loss_config(**kwargs)
     x = make_inputs(seed=19)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         run(x, **kwargs)
 
 
