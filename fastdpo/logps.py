@@ -4,6 +4,7 @@ from typing import NamedTuple
 import torch
 
 from .ops import linear_sequence_logps, logits_sequence_logps
+from .parallel import is_vocab_sharded, vocab_parallel_sequence_logps
 
 
 class SequenceLogps(NamedTuple):
@@ -111,7 +112,8 @@ def compute_sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=Non
     _require(plan.vocab_size == vocab_size,
              f"the reference vocabulary ({vocab_size}) differs from the policy's ({plan.vocab_size})")
     if fused:
-        logps, logit_sums = linear_sequence_logps(
+        head = vocab_parallel_sequence_logps if is_vocab_sharded(weight) else linear_sequence_logps
+        logps, logit_sums = head(
             hidden.reshape(-1, hidden.shape[-1]), weight, bias, *plan[:3], backend=backend,
             logit_scale=logit_scale, softcap=softcap, temperature=temperature)
     else:
