@@ -2,7 +2,7 @@
 
 Launch with torchrun or accelerate (2 processes):
 
-    python -m torch.distributed.run --nproc_per_node=2 tests/dist_worker.py --mode ddp|fsdp2|tp --out r.json
+    python -m torch.distributed.run --nproc_per_node=2 tests/dist_worker.py --mode ddp,tp --out r.json
     python -m accelerate.commands.launch --multi_gpu --num_processes=2 tests/dist_worker.py --mode ddp \
         --accelerate --out r.json
 
@@ -402,38 +402,45 @@ def check_vocab_parallel(mesh):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", choices=("ddp", "fsdp2", "tp"), required=True)
-    ap.add_argument("--accelerate", action="store_true", help="prepare the model with accelerate (DDP)")
+    ap.add_argument("--mode", required=True, help="comma-separated engines, run in turn: ddp, fsdp2, tp")
+    ap.add_argument("--accelerate", action="store_true", help="prepare the ddp model with accelerate")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    modes = args.mode.split(",")
+    assert set(modes) <= {"ddp", "fsdp2", "tp"}, f"unknown mode in {args.mode!r}"
+    assert not args.accelerate or modes == ["ddp"], "the accelerate launch is checked with DDP"
     t0 = time.time()
     accelerator = None
     if args.accelerate:
         from accelerate import Accelerator
 
-        assert args.mode == "ddp", "the accelerate launch is checked with DDP"
         accelerator = Accelerator(cpu=True, gradient_accumulation_steps=MICRO_BATCHES)
     else:
         dist.init_process_group("gloo")
     world = dist.get_world_size()
     assert GLOBAL_PAIRS % (world * MICRO_BATCHES) == 0, "equal pair counts per rank and micro-batch are required"
     torch.use_deterministic_algorithms(True)
-    mesh = None
-    if args.mode == "tp":
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh("cpu", (world,))
 
     pairs = make_pairs(GLOBAL_PAIRS)
-    results = {"mode": args.mode, "launcher": "accelerate" if args.accelerate else "torchrun", "world_size": world,
-               "backend": dist.get_backend()}
-    if args.mode in ("ddp", "fsdp2") and not args.accelerate:
-        results["loss_forms"] = check_loss_forms(args.mode, pairs, tiny_llama(seed=1).eval())
-    results["model_loss"] = check_model_loss(args.mode, pairs, accelerator, mesh)
-    if args.mode == "tp":
-        results["vocab_parallel"] = check_vocab_parallel(mesh)
-    ok = all(r["ok"] for r in [*results.get("loss_forms", {}).values(), results["model_loss"],
-                               results.get("vocab_parallel", {"ok": True})])
+    results = {"launcher": "accelerate" if args.accelerate else "torchrun", "world_size": world,
+               "backend": dist.get_backend(), "modes": {}}
+    checks = []
+    for mode in modes:
+        mesh = None
+        if mode == "tp":
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh("cpu", (world,))
+        out = results["modes"][mode] = {}
+        if mode in ("ddp", "fsdp2") and not args.accelerate:
+            out["loss_forms"] = check_loss_forms(mode, pairs, tiny_llama(seed=1).eval())
+            checks += out["loss_forms"].values()
+        out["model_loss"] = check_model_loss(mode, pairs, accelerator, mesh)
+        checks.append(out["model_loss"])
+        if mode == "tp":
+            out["vocab_parallel"] = check_vocab_parallel(mesh)
+            checks.append(out["vocab_parallel"])
+    ok = all(check["ok"] for check in checks)
     results["ok"], results["seconds"] = ok, time.time() - t0
     if dist.get_rank() == 0:
         with open(args.out + ".tmp", "w") as f:

@@ -29,7 +29,7 @@ def launch(mode, tmp_path, launcher="torchrun", timeout=150):
     import torch.distributed as dist
 
     assert dist.is_available() and dist.is_gloo_available(), "torch.distributed with gloo is required"
-    out = tmp_path / f"{mode}-{launcher}.json"
+    out = tmp_path / f"{mode.replace(',', '-')}-{launcher}.json"
     port = free_port()
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
@@ -47,8 +47,9 @@ def launch(mode, tmp_path, launcher="torchrun", timeout=150):
     assert proc.returncode == 0 and out.is_file(), (
         f"{mode} worker failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     res = json.loads(out.read_text())
-    assert res["world_size"] == 2 and res["backend"] == "gloo" and res["mode"] == mode, res
-    return res
+    assert res["world_size"] == 2 and res["backend"] == "gloo" and res["launcher"] == launcher, res
+    assert res["ok"] and list(res["modes"]) == mode.split(","), res
+    return res["modes"]
 
 
 def check_equal_to_single_process(r):
@@ -59,9 +60,7 @@ def check_equal_to_single_process(r):
     assert r["loss_abs_diff"] <= 1e-6, r
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_data_parallel_matches_single_process(mode, tmp_path):
-    res = launch(mode, tmp_path)
+def check_data_parallel(res, mode):
     assert set(res["loss_forms"]) == {"fused", "logits"}
     for r in res["loss_forms"].values():
         check_equal_to_single_process(r)
@@ -76,16 +75,7 @@ def test_data_parallel_matches_single_process(mode, tmp_path):
         assert r["wrapper"] == "DistributedDataParallel" and r["dtensor_params"] == [], r
 
 
-def test_accelerate_launch_ddp_with_accumulation(tmp_path):
-    res = launch("ddp", tmp_path, launcher="accelerate")
-    assert res["launcher"] == "accelerate" and "loss_forms" not in res
-    r = res["model_loss"]
-    check_equal_to_single_process(r)
-    assert r["wrapper"] == "DistributedDataParallel" and r["micro_batches"] == 2, r
-
-
-def test_vocab_parallel_head(tmp_path):
-    res = launch("tp", tmp_path)
+def check_vocab_parallel_head(res):
     r = res["model_loss"]  # model_loss with the policy's and reference's lm_head sharded along V
     check_equal_to_single_process(r)
     assert r["dtensor_params"] == ["lm.lm_head.weight"] and r["pairs_per_rank"] == 8, r
@@ -106,3 +96,20 @@ def test_vocab_parallel_head(tmp_path):
     assert "identical on every rank" in refusals["not_replicated"]
     assert "head_mode='fused'" in refusals["fused"]
     assert "tile the vocabulary" in refusals["overlapping_offsets"]
+
+
+def test_torchrun_ddp_and_vocab_parallel_head(tmp_path):
+    res = launch("ddp,tp", tmp_path)  # one launch, two engines in turn (each launch costs ~10 s of start-up)
+    check_data_parallel(res["ddp"], "ddp")
+    check_vocab_parallel_head(res["tp"])
+
+
+def test_torchrun_fsdp2(tmp_path):
+    check_data_parallel(launch("fsdp2", tmp_path)["fsdp2"], "fsdp2")
+
+
+def test_accelerate_launch_ddp_with_accumulation(tmp_path):
+    res = launch("ddp", tmp_path, launcher="accelerate")["ddp"]
+    assert "loss_forms" not in res
+    check_equal_to_single_process(res["model_loss"])
+    assert res["model_loss"]["wrapper"] == "DistributedDataParallel" and res["model_loss"]["micro_batches"] == 2
