@@ -23,26 +23,25 @@ summed over ranks deterministically: a reduce-scatter written as all_to_all (ran
 rows from every rank and adds them in rank order) followed by an all_gather of the summed blocks. No float
 atomics, no all_reduce (whose summation order is the collective library's choice).
 
-Communication per call, M scored tokens, W ranks: forward all_gather of 5 fp32 per token (each rank
-receives 20 M (W - 1) bytes) + 3 int64 per rank of metadata; backward (hidden needs grad) 2 x 4 M D (W - 1)/W
-bytes per rank. Never O(M V).
+Communication per call, M scored tokens, W ranks, D hidden size: forward, an all_gather of 5 fp32 per token
+(each rank receives 20 M (W - 1) bytes) and of 3 int64 per rank (layout check); backward, when hidden needs a
+gradient, the all_to_all and the all_gather each move 4 M D (W - 1) / W bytes in and out of every rank
+(fp32). Never O(M V).
 
-Head modes: "stored" keeps U [M, V_r] (input dtype) from the forward, 4 V_r D FLOPs of backward per token;
-"recompute" keeps only lse and recomputes the logits chunk in backward (6 V_r D); "auto" picks stored when
-M x V_r x itemsize fits `head_memory_budget`. "fused" (the Triton kernels' registers-only head) is refused:
-those kernels do not return the per-shard max and sum-exp separately, which the exact merge needs.
+Head modes (fastdpo.head.make_head decides, on the local shard [V_r, D]): "stored" keeps U [M, V_r] (input
+dtype) from the forward, 4 V_r D FLOPs of backward per token; "recompute" keeps only lse and recomputes the
+logits chunk in backward (6 V_r D); "auto" picks stored when M x V_r x itemsize fits `head_memory_budget`.
+"fused" (the Triton kernels' registers-only head) is refused: those kernels return a per-row lse, not the
+per-shard max and sum-exp that a cancellation-free merge needs (row_logp from lse_r - lse would lose ~1e-3
+absolute at logits around 1e4 in fp32).
 """
-import contextlib
-
 import torch
 import torch.distributed as dist
 
+from .head import FusedHead, make_head
 from .ops import resolve_backend
+from .torch_ops import Transform, math_dtype, matmul_precision
 
-HEAD_MODES = ("auto", "stored", "recompute")
-FP32_PRECISIONS = ("ieee", "tf32")
-DEFAULT_HEAD_MEMORY_BUDGET = 1 << 30  # bytes of stored U per rank for head_mode="auto"
-CHUNK_ELEMENTS = 1 << 22  # fp32 elements of one [rows, V_r] logits chunk (16 MiB)
 MAX, SUM_EXP, TARGET, LOGIT_SUM, FINGERPRINT = range(5)  # channels of the gathered partials
 
 
@@ -89,44 +88,21 @@ def _unshard_inputs(hidden, weight, bias):
     return hidden, local_weight, local_bias, mesh.get_group(), offset[0]
 
 
-@contextlib.contextmanager
-def _fp32_matmul_precision(fp32_precision, device):
-    """torch matmuls of fp32 CUDA tensors with exact products ("ieee") or TF32 allowed ("tf32")."""
-    if device.type != "cuda":  # CPU products are always exact
-        yield
-        return
-    matmul = torch.backends.cuda.matmul
-    saved, matmul.fp32_precision = matmul.fp32_precision, fp32_precision
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = saved
-
-
 class _Shard:
     """This rank's slice [begin, begin + V_r) of the LM head, with the logit transforms.
 
     x = h W_r^T + b_r by torch matmul in the input dtype; z = softcap(logit_scale * x) / temperature in fp32
-    (fp64 for fp64 inputs).
+    (fp64 for fp64 inputs). Row work in chunks of `chunk_rows` rows.
     """
 
-    def __init__(self, weight, bias, begin, logit_scale, softcap, temperature):
-        self.weight, self.bias, self.begin = weight, bias, begin
-        self.logit_scale, self.softcap, self.temperature = logit_scale, softcap, temperature
-        self.math_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        self.rows_per_chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    def __init__(self, weight, bias, begin, transform, chunk_rows):
+        self.weight, self.bias, self.begin, self.transform = weight, bias, begin, transform
+        self.math_dtype, self.chunk_rows = math_dtype(weight), chunk_rows
 
     def logits(self, h):
         """h [C, D] (input dtype) -> z [C, V_r] in the math dtype."""
         x = h @ self.weight.t() if self.bias is None else torch.addmm(self.bias, h, self.weight.t())
-        z = x.to(self.math_dtype)
-        if self.logit_scale != 1.0:
-            z.mul_(self.logit_scale)
-        if self.softcap is not None:
-            z.div_(self.softcap).tanh_().mul_(self.softcap)
-        if self.temperature != 1.0:
-            z.div_(self.temperature)
-        return z
+        return self.transform.apply_(x.to(self.math_dtype))
 
     def local_targets(self, targets):
         """(rows whose target lies in this shard, the target's column in the shard)."""
@@ -150,15 +126,15 @@ class _Shard:
     def grad_logits(self, h, targets, lse):
         """U = (onehot(t) - softmax(z)) dz/dx [C, V_r] in the input dtype, softmax with the global lse [C]."""
         z = self.logits(h)
-        u = (z - lse[:, None]).exp_().neg_()
+        slope = self.transform.slope(z)
+        u = z.sub_(lse[:, None]).exp_().neg_()
         inside, column = self.local_targets(targets)
         u[inside, column] += 1.0
-        if self.softcap is not None:  # d softcap(y) / dy = 1 - tanh^2(y / c), tanh = z T / c
-            u.mul_(z.mul_(self.temperature / self.softcap).square_().neg_().add_(1.0))
-        scale = self.logit_scale / self.temperature
-        if scale != 1.0:
-            u.mul_(scale)
-        return u.to(self.weight.dtype)
+        return (u if slope is None else u.mul_(slope)).to(self.weight.dtype)
+
+
+def _no_autocast(device):
+    return torch.autocast(device.type, enabled=False)
 
 
 def _all_gather(tensor, group):
@@ -226,13 +202,13 @@ def _reduce_over_ranks(partial, group):
 
 def _forward(shard, hidden_rows, targets, group, layout, keep_grad_logits):
     """Merged (row_logp, lse, logit_sum) [M] and, if asked, U [M, V_r] (input dtype)."""
-    chunks = list(zip(hidden_rows.split(shard.rows_per_chunk), targets.split(shard.rows_per_chunk)))
+    chunks = list(zip(hidden_rows.split(shard.chunk_rows), targets.split(shard.chunk_rows)))
     fingerprint = hidden_rows.to(shard.math_dtype).sum(dim=1) + targets.to(shard.math_dtype)
     partials = torch.cat([torch.cat([shard.partials(h, t) for h, t in chunks], dim=1), fingerprint[None]])
     row_logp, lse, logit_sum = _merge(_all_gather(partials, group), targets, *layout)
     if not keep_grad_logits:
         return (row_logp, lse, logit_sum), None
-    grad_logits = torch.cat([shard.grad_logits(h, t, l) for (h, t), l in zip(chunks, lse.split(shard.rows_per_chunk))])
+    grad_logits = torch.cat([shard.grad_logits(h, t, l) for (h, t), l in zip(chunks, lse.split(shard.chunk_rows))])
     return (row_logp, lse, logit_sum), grad_logits
 
 
@@ -240,7 +216,7 @@ class _VocabParallelLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, rows, targets, seq_of_rows, num_sequences, shard, group, layout,
                 stored, fp32_precision, impl):
-        with _fp32_matmul_precision(fp32_precision, hidden.device):
+        with _no_autocast(hidden.device), matmul_precision(fp32_precision, hidden.device):
             hidden_rows = hidden.index_select(0, rows)
             (row_logp, lse, logit_sum), grad_logits = _forward(shard, hidden_rows, targets, group, layout, stored)
         sums = impl.segment_sum(torch.stack([row_logp, logit_sum]), seq_of_rows, num_sequences)
@@ -262,8 +238,8 @@ class _VocabParallelLogps(torch.autograd.Function):
             if needs_weight else None
         grad_bias = torch.zeros(shard.weight.shape[0], dtype=shard.math_dtype, device=hidden.device) \
             if needs_bias else None
-        step = shard.rows_per_chunk
-        with _fp32_matmul_precision(ctx.fp32_precision, hidden.device):
+        step = shard.chunk_rows
+        with _no_autocast(hidden.device), matmul_precision(ctx.fp32_precision, hidden.device):
             for begin in range(0, rows.numel(), step):
                 h, end = hidden_rows[begin:begin + step], begin + step
                 u = grad_logits[begin:end] if grad_logits is not None else \
@@ -296,13 +272,6 @@ def vocab_parallel_sequence_logps(hidden, weight, bias, targets, seq_index, num_
     Results are bitwise identical on every rank. `backend` picks the segment-sum launcher; `rows` is the
     [M] index of tokens with a target (built here when None).
     """
-    _require(head_mode in HEAD_MODES + ("fused",), f"head_mode must be one of {HEAD_MODES + ('fused',)}, "
-             f"got {head_mode!r}")
-    _require(head_mode != "fused", "head_mode='fused' is not available with a vocabulary-sharded weight (the fused "
-             "kernels do not return the per-shard max and sum-exp the exact merge needs); use 'stored', "
-             "'recompute' or 'auto'")
-    _require(fp32_precision in FP32_PRECISIONS,
-             f"fp32_precision must be one of {FP32_PRECISIONS}, got {fp32_precision!r}")
     if is_vocab_sharded(weight):
         _require(process_group is None and vocab_offset is None,
                  "process_group and vocab_offset come from the DTensor weight's mesh; do not pass them with it")
@@ -319,24 +288,25 @@ def vocab_parallel_sequence_logps(hidden, weight, bias, targets, seq_index, num_
     if rows is None:
         rows = torch.nonzero(seq_index >= 0).squeeze(1)
     row_targets, seq_of_rows = targets[rows].contiguous(), seq_index[rows].contiguous()
-    begins, ends = _shard_layout(rows.numel(), weight.shape[0], vocab_offset, process_group,
-                                 hidden.device)
-    rank = dist.get_rank(process_group)
+    impl = resolve_backend(backend, hidden.device)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    head = make_head(impl, head_mode=head_mode, head_memory_budget=head_memory_budget, weight=weight,
+                     num_rows=rows.numel(), transforms={}, fp32_precision=fp32_precision, needs_grad=needs_grad)
+    _require(not isinstance(head, FusedHead), "head_mode='fused' is not available with a vocabulary-sharded weight "
+             "(the fused kernels do not return the per-shard max and sum-exp the exact merge needs); use "
+             "'stored', 'recompute' or 'auto'")
+    begins, ends = _shard_layout(rows.numel(), weight.shape[0], vocab_offset, process_group, hidden.device)
     vocab_size = int(ends.max())
     _require(bool(((row_targets >= 0) & (row_targets < vocab_size)).all()),
              f"targets of scored tokens must lie in [0, {vocab_size})")
     layout = (begins.to(hidden.device), ends.to(hidden.device))
-    shard = _Shard(weight, bias, int(begins[rank]), logit_scale, softcap, temperature)
-    impl = resolve_backend(backend, hidden.device)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if not needs_grad:  # reference: forward only, nothing saved
-        with torch.no_grad(), _fp32_matmul_precision(fp32_precision, hidden.device):
-            (row_logp, _, logit_sum), _ = _forward(shard, hidden.index_select(0, rows), row_targets,
-                                                   process_group, layout, keep_grad_logits=False)
-        sums = impl.segment_sum(torch.stack([row_logp, logit_sum]), seq_of_rows, num_sequences)
-        return sums[0], sums[1]
-    budget = DEFAULT_HEAD_MEMORY_BUDGET if head_memory_budget is None else head_memory_budget
-    stored = head_mode == "stored" or (
-        head_mode == "auto" and rows.numel() * weight.shape[0] * weight.element_size() <= budget)
-    return _VocabParallelLogps.apply(hidden, weight, bias, rows, row_targets, seq_of_rows, num_sequences, shard,
-                                     process_group, layout, stored, fp32_precision, impl)
+    shard = _Shard(weight, bias, int(begins[dist.get_rank(process_group)]),
+                   Transform(logit_scale, softcap, temperature), head.chunk_rows)
+    if needs_grad:
+        return _VocabParallelLogps.apply(hidden, weight, bias, rows, row_targets, seq_of_rows, num_sequences, shard,
+                                         process_group, layout, head.store, fp32_precision, impl)
+    with torch.no_grad(), _no_autocast(hidden.device), matmul_precision(fp32_precision, hidden.device):
+        (row_logp, _, logit_sum), _ = _forward(shard, hidden.index_select(0, rows), row_targets, process_group,
+                                               layout, keep_grad_logits=False)  # reference: nothing saved
+    sums = impl.segment_sum(torch.stack([row_logp, logit_sum]), seq_of_rows, num_sequences)
+    return sums[0], sums[1]

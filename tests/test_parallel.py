@@ -14,6 +14,7 @@ import torch.distributed as dist
 import fastdpo
 from fastdpo.parallel import _Shard, _merge, vocab_parallel_sequence_logps
 from fastdpo.sharding import PreferenceShardSampler, balanced_split, pair_token_lengths
+from fastdpo.torch_ops import Transform
 
 
 @pytest.fixture
@@ -49,7 +50,8 @@ def reference_rows(hidden, weight, bias, targets, logit_scale=1.0, softcap=None,
 
 def emulated_ranks(hidden, weight, bias, targets, bounds, logit_scale=1.0, softcap=None, temperature=1.0):
     """Partials of every vocabulary shard [begin, end) gathered as on W ranks, then merged in rank order."""
-    shards = [_Shard(weight[b:e], bias[b:e], b, logit_scale, softcap, temperature) for b, e in bounds]
+    transform = Transform(logit_scale, softcap, temperature)
+    shards = [_Shard(weight[b:e], bias[b:e], b, transform, chunk_rows=7) for b, e in bounds]
     fingerprint = hidden.to(shards[0].math_dtype).sum(dim=1) + targets.to(shards[0].math_dtype)
     gathered = torch.stack([torch.cat([s.partials(hidden, targets), fingerprint[None]]) for s in shards])
     begins, ends = torch.tensor([b for b, _ in bounds]), torch.tensor([e for _, e in bounds])
@@ -90,7 +92,7 @@ def test_merge_is_cancellation_free_at_large_logits():
 def test_merge_refuses_tokens_that_differ_between_ranks():
     hidden, weight, bias, _, _, _ = head_inputs(dtype=torch.float32)
     targets = torch.randint(0, 37, (24,), generator=torch.Generator().manual_seed(1))
-    shards = [_Shard(weight[b:e], bias[b:e], b, 1.0, None, 1.0) for b, e in [(0, 20), (20, 37)]]
+    shards = [_Shard(weight[b:e], bias[b:e], b, Transform(), chunk_rows=7) for b, e in [(0, 20), (20, 37)]]
     gathered = torch.stack([torch.cat([s.partials(hidden, targets), (hidden.sum(dim=1) + targets + r)[None]])
                             for r, s in enumerate(shards)])
     with pytest.raises(ValueError, match="identical on every rank"):
