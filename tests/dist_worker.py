@@ -42,7 +42,7 @@ import torch.distributed as dist
 import fastdpo
 from fastdpo.model import model_loss
 from fastdpo.packing import pack_pairs
-from fastdpo.parallel import vocab_parallel_sequence_logps
+from fastdpo.parallel import shard_lm_head, vocab_parallel_sequence_logps
 from fastdpo.ref_cache import ReferenceCache
 
 VOCAB, GLOBAL_PAIRS, MICRO_BATCHES, BETA = 96, 8, 2, 0.1
@@ -171,9 +171,7 @@ def wrap(mode, model, accelerator, mesh):
         for layer in model.lm.model.layers:
             fully_shard(layer)
         return fully_shard(model), ""
-    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
-
-    parallelize_module(model.lm, mesh, {"lm_head": ColwiseParallel()})  # lm_head.weight: DTensor Shard(0)
+    shard_lm_head(model.lm, mesh)  # lm_head.weight: DTensor Shard(0)
     return model, ""
 
 
@@ -268,6 +266,10 @@ def check_model_loss(mode, pairs, accelerator, mesh):
                                        if isinstance(p, DTensor))}
     if mode == "tp":
         loss_again, g_again = step()
+        with torch.no_grad():  # the sharded model's own forward still gives full logits
+            ids = micro_batches[0].input_ids
+            result["forward_logits_max_diff"] = (dist_model.lm(input_ids=ids).logits
+                                                 - single.lm(input_ids=ids).logits).abs().max().item()
         result["bitwise_across_ranks"] = same_on_all_ranks([loss] + [g for g in g_dist.values() if g is not None])
         result["bitwise_repeat"] = bool(torch.equal(loss, loss_again)) and all(
             torch.equal(g_dist[n], g_again[n]) for n in g_dist if g_dist[n] is not None)
@@ -283,6 +285,7 @@ def check_model_loss(mode, pairs, accelerator, mesh):
                    "loss_single": single_loss.item(), "loss_dist": loss_mean,
                    "loss_abs_diff": abs(loss_mean - single_loss.item())})
     result["ok"] = (not missing and max_ratio <= 1.0 and result["loss_abs_diff"] <= 1e-6
+                    and result.get("forward_logits_max_diff", 0.0) <= 1e-5
                     and result.get("bitwise_across_ranks", True) and result.get("bitwise_repeat", True))
     return result
 

@@ -5,9 +5,10 @@ accelerate launch and checks its JSON summary: losses and gradients equal a sing
 same global batch (|g_dist - g_single| <= 1e-6 + 1e-5 |g_single|, losses within 1e-6), for fastdpo.loss on
 padded batches and for fastdpo.model.model_loss on packed shared-prompt batches with two micro-batches of
 gradient accumulation; the vocabulary-parallel head is also bitwise equal across ranks and repeated runs.
-About 10-20 s per launch on 2 cores.
+Also runs examples/multi_gpu.py (FSDP2) under accelerate launch. About 10-20 s per launch on 2 cores.
 """
 import json
+import math
 import os
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "dist_worker.py")
+EXAMPLE = os.path.join(os.path.dirname(HERE), "examples", "multi_gpu.py")
 
 
 def free_port():
@@ -25,27 +27,34 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(mode, tmp_path, launcher="torchrun", timeout=150):
+def run_two_processes(launcher, script_and_args, cwd, timeout=150):
+    """Run a script in 2 processes with torchrun or accelerate launch -> its stdout (fails the test on error)."""
     import torch.distributed as dist
 
     assert dist.is_available() and dist.is_gloo_available(), "torch.distributed with gloo is required"
-    out = tmp_path / f"{mode.replace(',', '-')}-{launcher}.json"
     port = free_port()
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-               "--master_addr=127.0.0.1", f"--master_port={port}", WORKER]
+               "--master_addr=127.0.0.1", f"--master_port={port}"]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
-               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={port}",
-               WORKER, "--accelerate"]
-    cmd += ["--mode", mode, "--out", str(out)]
+               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={port}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+        proc = subprocess.run(cmd + script_and_args, env=env, capture_output=True, text=True, timeout=timeout,
+                              cwd=cwd)
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{mode} worker timed out after {timeout}s:\n{(e.stderr or '')[-3000:]}")
-    assert proc.returncode == 0 and out.is_file(), (
-        f"{mode} worker failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        pytest.fail(f"{script_and_args} timed out after {timeout}s:\n{(e.stderr or '')[-3000:]}")
+    assert proc.returncode == 0, (
+        f"{script_and_args} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc.stdout
+
+
+def launch(mode, tmp_path, launcher="torchrun"):
+    """Run tests/dist_worker.py for the comma-separated engines `mode` -> {engine: results}."""
+    out = tmp_path / f"{mode.replace(',', '-')}-{launcher}.json"
+    args = [WORKER] + (["--accelerate"] if launcher == "accelerate" else []) + ["--mode", mode, "--out", str(out)]
+    run_two_processes(launcher, args, tmp_path)
     res = json.loads(out.read_text())
     assert res["world_size"] == 2 and res["backend"] == "gloo" and res["launcher"] == launcher, res
     assert res["ok"] and list(res["modes"]) == mode.split(","), res
@@ -80,6 +89,7 @@ def check_vocab_parallel_head(res):
     check_equal_to_single_process(r)
     assert r["dtensor_params"] == ["lm.lm_head.weight"] and r["pairs_per_rank"] == 8, r
     assert r["bitwise_across_ranks"] and r["bitwise_repeat"], r
+    assert r["forward_logits_max_diff"] <= 1e-5, r  # model.forward still returns the full logits
 
     vp = res["vocab_parallel"]
     assert vp["ok"], vp
@@ -113,3 +123,12 @@ def test_accelerate_launch_ddp_with_accumulation(tmp_path):
     assert "loss_forms" not in res
     check_equal_to_single_process(res["model_loss"])
     assert res["model_loss"]["wrapper"] == "DistributedDataParallel" and res["model_loss"]["micro_batches"] == 2
+
+
+def test_multi_gpu_example_fsdp2_under_accelerate(tmp_path):
+    out = run_two_processes("accelerate", [EXAMPLE, "--engine", "fsdp2", "--steps", "3", "--pairs-per-rank", "4"],
+                            tmp_path)
+    losses = [float(line.split()[-1]) for line in out.splitlines() if line.startswith("step")]
+    assert len(losses) == 3, out
+    assert abs(losses[0] - math.log(2)) < 1e-4, out  # policy == reference before the first step
+    assert losses[-1] < losses[0] - 0.01, out  # it learns
