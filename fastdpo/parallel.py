@@ -99,8 +99,7 @@ def _unshard_inputs(hidden, weight, bias):
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     mesh = weight.device_mesh
-    _require(mesh.ndim == 1, f"weight must be sharded on a 1-D device mesh, got a {mesh.ndim}-D mesh "
-             f"(slice the tensor-parallel dimension: mesh['tp'])")
+    _require(mesh.ndim == 1, f"weight must be sharded on a 1-D device mesh, got a {mesh.ndim}-D mesh")
     local_weight = _local_shard("weight", weight, mesh)
     local_bias = None if bias is None else _local_shard("bias", bias, mesh)
     if isinstance(hidden, DTensor):
@@ -168,13 +167,15 @@ def _all_gather(tensor, group):
     return torch.stack(parts)
 
 
-def _shard_layout(local_rows, local_vocab, vocab_offset, group, device):
-    """Check the shards tile the vocabulary and every rank scores the same number of tokens.
+def _shard_layout(targets, local_vocab, vocab_offset, group):
+    """Check (on every rank alike, so that all raise together) that the shards tile the vocabulary, every
+    rank scores the same number of tokens and the targets [M] lie in the vocabulary.
 
     Returns (begins [W], ends [W]) int64 of every rank's vocabulary slice, in rank order.
     """
-    meta = torch.tensor([local_rows, local_vocab, -1 if vocab_offset is None else vocab_offset], dtype=torch.int64)
-    meta = _all_gather(meta.to(device), group).cpu()
+    low, high = (int(targets.min()), int(targets.max())) if targets.numel() else (0, 0)
+    meta = torch.tensor([targets.numel(), local_vocab, -1 if vocab_offset is None else vocab_offset, low, high])
+    meta = _all_gather(meta.to(targets.device), group).cpu()
     rows, sizes, begins = meta[:, 0], meta[:, 1], meta[:, 2]
     _require(bool((rows == rows[0]).all()),
              f"every rank must score the same tokens (hidden and labels replicated), got {rows.tolist()} scored "
@@ -188,6 +189,10 @@ def _shard_layout(local_rows, local_vocab, vocab_offset, group, device):
     tiled = bool((begins[order][0] == 0) and (begins[order][1:] == (begins + sizes)[order][:-1]).all())
     _require(tiled, f"the weight shards must tile the vocabulary without gaps or overlaps, got "
              f"[begin, end) = {list(zip(begins.tolist(), (begins + sizes).tolist()))}")
+    vocab_size = int(sizes.sum())
+    _require(bool((meta[:, 3] >= 0).all() and (meta[:, 4] < vocab_size).all()),
+             f"targets of scored tokens must lie in [0, {vocab_size}), got [{int(meta[:, 3].min())}, "
+             f"{int(meta[:, 4].max())}]")
     return begins, begins + sizes
 
 
@@ -221,7 +226,7 @@ def _reduce_over_ranks(partial, group):
     own_block = received[:block].clone()
     for source in range(1, world):  # fixed rank order
         own_block += received[source * block:(source + 1) * block]
-    return _all_gather(own_block, group).reshape(world * block, -1)[:partial.shape[0]]
+    return _all_gather(own_block, group).reshape(world * block, partial.shape[1])[:partial.shape[0]]
 
 
 def _forward(shard, hidden_rows, targets, group, layout, keep_grad_logits):
@@ -319,10 +324,7 @@ def vocab_parallel_sequence_logps(hidden, weight, bias, targets, seq_index, num_
     _require(not isinstance(head, FusedHead), "head_mode='fused' is not available with a vocabulary-sharded weight "
              "(the fused kernels do not return the per-shard max and sum-exp the exact merge needs); use "
              "'stored', 'recompute' or 'auto'")
-    begins, ends = _shard_layout(rows.numel(), weight.shape[0], vocab_offset, process_group, hidden.device)
-    vocab_size = int(ends.max())
-    _require(bool(((row_targets >= 0) & (row_targets < vocab_size)).all()),
-             f"targets of scored tokens must lie in [0, {vocab_size})")
+    begins, ends = _shard_layout(row_targets, weight.shape[0], vocab_offset, process_group)
     layout = (begins.to(hidden.device), ends.to(hidden.device))
     shard = _Shard(weight, bias, int(begins[dist.get_rank(process_group)]),
                    Transform(logit_scale, softcap, temperature), head.chunk_rows)

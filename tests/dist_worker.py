@@ -379,12 +379,21 @@ def check_vocab_parallel(mesh):
     counts = torch.bincount(seq_index[seq_index >= 0], minlength=S).double()
     out["equal_logits_rel_err"] = rel_err(equal.detach(), -counts * math.log(V))
 
+    # no scored token at all: zeros, and a backward that still runs the collectives on every rank
+    h = hidden.float().requires_grad_()
+    none, _ = vocab_parallel_sequence_logps(h, shard(weight), None, torch.full_like(targets, -1),
+                                            torch.full_like(seq_index, -1), S)
+    none.sum().backward()
+    out["no_scored_tokens_zero"] = bool((none == 0).all() and (h.grad == 0).all())
+
     refusals = {}
     for name, call in {
         "not_replicated": lambda: vocab_parallel_sequence_logps(hidden.float() + rank, shard(weight), None, targets,
                                                                 seq_index, S),
         "fused": lambda: vocab_parallel_sequence_logps(hidden.float(), shard(weight), None, targets, seq_index, S,
                                                        head_mode="fused"),
+        "target_out_of_range_on_one_rank": lambda: vocab_parallel_sequence_logps(
+            hidden.float(), shard(weight), None, torch.where(torch.arange(N) == rank, V + 3, targets), seq_index, S),
         "overlapping_offsets": lambda: vocab_parallel_sequence_logps(hidden.float(), local_w, None, targets, seq_index,
                                                                      S, process_group=group, vocab_offset=0),
     }.items():
@@ -399,7 +408,7 @@ def check_vocab_parallel(mesh):
                  and out["bitwise_repeat"] and out["stored_equals_recompute_logps"]
                  and out["reference_path_no_graph"] and out["reference_path_equals_grad_path"]
                  and out["process_group_equals_dtensor"] and out["large_logits_rel_err"] <= 1e-6
-                 and out["equal_logits_rel_err"] <= 1e-6 and all(refusals.values()))
+                 and out["equal_logits_rel_err"] <= 1e-6 and out["no_scored_tokens_zero"] and all(refusals.values()))
     return out
 
 

@@ -102,10 +102,12 @@ def check_vocab_parallel_head(res):
     assert vp["reference_path_no_graph"] and vp["reference_path_equals_grad_path"]
     assert vp["process_group_equals_dtensor"]
     assert vp["large_logits_rel_err"] <= 1e-6 and vp["equal_logits_rel_err"] <= 1e-6
+    assert vp["no_scored_tokens_zero"]
     refusals = vp["refusals"]
     assert "identical on every rank" in refusals["not_replicated"]
     assert "head_mode='fused'" in refusals["fused"]
     assert "tile the vocabulary" in refusals["overlapping_offsets"]
+    assert "must lie in [0, 97)" in refusals["target_out_of_range_on_one_rank"]  # both ranks raise: no hang
 
 
 def test_torchrun_ddp_and_vocab_parallel_head(tmp_path):
