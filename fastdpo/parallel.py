@@ -80,7 +80,14 @@ def shard_lm_head(model, mesh):
              "shard the input embedding too: untie it first")
     name = next(name for name, module in lm.named_modules() if module is head)
     parallelize_module(lm, mesh, {name: ColwiseParallel(output_layouts=Replicate())})
+    head.fastdpo_vocab_parallel = True
     return model
+
+
+def is_vocab_parallel_head(module):
+    """True for an output layer sharded by shard_lm_head: read its DTensor weight as is (never full_tensor():
+    that would gather V x D on every rank, which the vocabulary-parallel head exists to avoid)."""
+    return getattr(module, "fastdpo_vocab_parallel", False)
 
 
 def _local_shard(name, tensor, mesh):

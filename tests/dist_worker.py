@@ -224,6 +224,22 @@ def check_loss_forms(mode, pairs, ref_model):
     return results
 
 
+VOCAB_PARALLEL_CALLS = [0]  # calls fastdpo.logps routed to the vocabulary-parallel op (see count_vocab_parallel_calls)
+
+
+def count_vocab_parallel_calls():
+    """Wrap the op that fastdpo.logps routes DTensor head weights to, counting its calls."""
+    import fastdpo.logps
+
+    op = fastdpo.logps.vocab_parallel_sequence_logps
+
+    def counted(*args, **kwargs):
+        VOCAB_PARALLEL_CALLS[0] += 1
+        return op(*args, **kwargs)
+
+    fastdpo.logps.vocab_parallel_sequence_logps = counted
+
+
 def check_model_loss(mode, pairs, accelerator, mesh):
     """model_loss on packed shared-prompt micro-batches with gradient accumulation vs one single-process step."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -257,11 +273,13 @@ def check_model_loss(mode, pairs, accelerator, mesh):
             total += loss.detach() / MICRO_BATCHES
         return total, full_grads(dist_model, prefix)
 
+    calls_before = VOCAB_PARALLEL_CALLS[0]
     loss, g_dist = step()
     from torch.distributed.tensor import DTensor
 
     result = {"mode": mode, "micro_batches": MICRO_BATCHES, "pairs_per_rank": len(local),
               "rows_per_micro_batch": [b.shape[0] for b in micro_batches], "wrapper": type(dist_model).__name__,
+              "vocab_parallel_calls_per_step": VOCAB_PARALLEL_CALLS[0] - calls_before,
               "dtensor_params": sorted(n.removeprefix(prefix) for n, p in dist_model.named_parameters()
                                        if isinstance(p, DTensor))}
     if mode == "tp":
@@ -433,6 +451,7 @@ def main():
     assert GLOBAL_PAIRS % (world * MICRO_BATCHES) == 0, "equal pair counts per rank and micro-batch are required"
     torch.use_deterministic_algorithms(True)
 
+    count_vocab_parallel_calls()
     pairs = make_pairs(GLOBAL_PAIRS)
     results = {"launcher": "accelerate" if args.accelerate else "torchrun", "world_size": world,
                "backend": dist.get_backend(), "modes": {}}

@@ -76,7 +76,7 @@ def check_data_parallel(res, mode):
         assert r["local_only_tolerance_ratio"] > 100, r  # the comparison can tell sync from no sync
     r = res["model_loss"]
     check_equal_to_single_process(r)
-    assert r["micro_batches"] == 2 and r["pairs_per_rank"] == 4, r
+    assert r["micro_batches"] == 2 and r["pairs_per_rank"] == 4 and r["vocab_parallel_calls_per_step"] == 0, r
     if mode == "fsdp2":  # every parameter, the LM head included, is a DTensor shard at rest
         assert r["wrapper"].startswith("FSDP") and len(r["dtensor_params"]) == 21, r
         assert "lm.lm_head.weight" in r["dtensor_params"], r
@@ -88,6 +88,7 @@ def check_vocab_parallel_head(res):
     r = res["model_loss"]  # model_loss with the policy's and reference's lm_head sharded along V
     check_equal_to_single_process(r)
     assert r["dtensor_params"] == ["lm.lm_head.weight"] and r["pairs_per_rank"] == 8, r
+    assert r["vocab_parallel_calls_per_step"] == 4, r  # policy + reference, 2 micro-batches: the op really ran
     assert r["bitwise_across_ranks"] and r["bitwise_repeat"], r
     assert r["forward_logits_max_diff"] <= 1e-5, r  # model.forward still returns the full logits
 
