@@ -118,6 +118,30 @@ def test_single_rank_gradcheck_float64(mesh, head_mode):
     torch.testing.assert_close(logps(*leaves), want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("head_mode", ["stored", "recompute"])
+def test_single_rank_bf16_within_1e_2(mesh, head_mode):
+    from torch.distributed.tensor import DTensor, Shard
+
+    hidden, weight, bias, targets, seq_index, S = head_inputs(N=32, D=16, V=37)
+    hidden, weight, bias = (t.bfloat16() for t in (hidden, weight, bias))  # the reference sees the same values
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    logps, _ = vocab_parallel_sequence_logps(leaves[0], DTensor.from_local(leaves[1], mesh, [Shard(0)]),
+                                             DTensor.from_local(leaves[2], mesh, [Shard(0)]), targets, seq_index, S,
+                                             head_mode=head_mode, softcap=3.0)
+    assert logps.dtype == torch.float32
+    upstream = torch.randn(S, generator=torch.Generator().manual_seed(4))
+    (logps * upstream).sum().backward()
+    exact = [t.double().requires_grad_() for t in (hidden, weight, bias)]
+    scored = seq_index >= 0
+    rows = reference_rows(*exact, targets.clamp(min=0), softcap=3.0)[0]
+    want = torch.zeros(S, dtype=torch.float64).index_add(0, seq_index[scored], rows[scored])
+    (want * upstream.double()).sum().backward()
+    torch.testing.assert_close(logps.double(), want.detach(), rtol=1e-2, atol=1e-2)
+    for leaf, ref in zip(leaves, exact):
+        assert leaf.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(leaf.grad.double(), ref.grad, rtol=1e-2, atol=1e-2 * ref.grad.abs().max().item())
+
+
 def test_public_api_routes_dtensor_weight(mesh):
     from torch.distributed.tensor import Shard, distribute_tensor
 
