@@ -15,12 +15,15 @@ against a single-process run of the same model on the whole global batch of 8 pr
   (pack_pairs(..., shared_prompt=True)) with a reference model, two micro-batches of gradient accumulation
   per rank (DDP no_sync / FSDP2 set_requires_gradient_sync(False) / accelerate's accumulate() on the first).
   ddp/fsdp2: each rank takes 4 of the 8 pairs; tp: both ranks take all 8 pairs, the policy's and the
-  reference's lm_head are sharded along the vocabulary (ColwiseParallel -> DTensor Shard(0)) and go through
-  fastdpo.parallel; there the loss and every gradient must also be bitwise equal on both ranks and between
-  two repeated runs.
+  reference's lm_head are sharded along the vocabulary (fastdpo.parallel.shard_lm_head -> DTensor Shard(0))
+  and go through the vocabulary-parallel op (its calls are counted); there the loss and every gradient must
+  also be bitwise equal on both ranks and between two repeated runs, and model.forward's gathered logits
+  equal the single-process logits.
 * ``vocab_parallel`` (tp): the op against a float64 single-process head (uneven shards V = 97 -> 49 + 48,
-  logit transforms, bias, packed sequences, both head modes), large logits, the reference path, the
-  process_group= form, and refusals.
+  logit transforms, bias, packed sequences, both head modes), large logits, no scored token, the reference
+  path, the process_group= form, and refusals raised on both ranks together (no hang).
+
+``--mode ddp,tp`` runs several engines in one launch (each launch costs ~10 s of start-up).
 
 Gradients (DDP all-reduce, FSDP2 reduce-scatter -> full_tensor(), TP DTensor shards -> full_tensor()) are
 compared with |a - b| <= ATOL + RTOL |a|. fastdpo.loss is a mean over pairs and DDP/FSDP average over
