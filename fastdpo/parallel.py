@@ -35,6 +35,8 @@ logits chunk in backward (6 V_r D); "auto" picks stored when M x V_r x itemsize 
 per-shard max and sum-exp that a cancellation-free merge needs (row_logp from lse_r - lse would lose ~1e-3
 absolute at logits around 1e4 in fp32).
 """
+import sys
+
 import torch
 import torch.distributed as dist
 
@@ -51,12 +53,12 @@ def _require(condition, message):
 
 
 def is_vocab_sharded(weight):
-    """True for a DTensor weight: the vocabulary-parallel head serves it (and validates its layout)."""
-    if not dist.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
+    """True for a DTensor weight: the vocabulary-parallel head serves it (and validates its layout).
 
-    return isinstance(weight, DTensor)
+    No DTensor exists before torch.distributed.tensor is imported, so that (2 s) import is never forced here.
+    """
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(weight, dtensor.DTensor)
 
 
 def shard_lm_head(model, mesh):
