@@ -158,6 +158,50 @@ def test_public_api_routes_dtensor_weight(mesh):
     assert sharded_weight.grad.placements == (Shard(0),) and sharded_weight.grad.abs().sum() > 0
 
 
+def test_replicated_dtensor_hidden_is_accepted_and_other_layouts_refused(mesh):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    hidden, weight, _, targets, seq_index, S = head_inputs(dtype=torch.float32)
+    sharded = distribute_tensor(weight, mesh, [Shard(0)])
+    plain, _ = vocab_parallel_sequence_logps(hidden, sharded, None, targets, seq_index, S)
+    replicated, _ = vocab_parallel_sequence_logps(distribute_tensor(hidden, mesh, [Replicate()]), sharded, None,
+                                                  targets, seq_index, S)
+    assert torch.equal(plain, replicated)
+    with pytest.raises(ValueError, match="hidden must be replicated on every rank"):
+        vocab_parallel_sequence_logps(distribute_tensor(hidden, mesh, [Shard(0)]), sharded, None, targets,
+                                      seq_index, S)
+    mesh_2d = init_device_mesh("cpu", (1, 1))
+    with pytest.raises(ValueError, match="1-D device mesh, got a 2-D mesh"):
+        vocab_parallel_sequence_logps(hidden, distribute_tensor(weight, mesh_2d, [Shard(0), Replicate()]), None,
+                                      targets, seq_index, S)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_shard_lm_head(mesh, tied):
+    from torch.distributed.tensor import DTensor, Shard
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastdpo.parallel import is_vocab_parallel_head, shard_lm_head
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied))
+    if tied:
+        with pytest.raises(ValueError, match="tied to the input embedding"):
+            shard_lm_head(lm, mesh)
+        return
+    ids = torch.randint(0, 40, (1, 6))
+    with torch.no_grad():
+        before = lm(input_ids=ids).logits
+        assert shard_lm_head(lm, mesh) is lm
+        after = lm(input_ids=ids).logits
+    weight = lm.lm_head.weight
+    assert isinstance(weight, DTensor) and weight.placements == (Shard(0),) and is_vocab_parallel_head(lm.lm_head)
+    assert not is_vocab_parallel_head(lm.model.embed_tokens)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
 def test_refusals(mesh):
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
