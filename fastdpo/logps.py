@@ -5,6 +5,7 @@ import torch
 
 from .head import HEAD_MODES
 from .ops import BACKENDS, linear_sequence_logps, logits_sequence_logps
+from .parallel import is_vocab_sharded, vocab_parallel_sequence_logps
 from .validate import check_bool, check_choice, check_int, check_real, check_same_device, check_tensor, require
 
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -192,7 +193,8 @@ def compute_sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=Non
             f"the reference vocabulary ({vocab_size}) differs from the policy's ({plan.vocab_size})")
     transforms = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
     if fused:
-        logps, logit_sums = linear_sequence_logps(
+        head = vocab_parallel_sequence_logps if is_vocab_sharded(weight) else linear_sequence_logps
+        logps, logit_sums = head(
             hidden.reshape(-1, hidden.shape[-1]), weight, bias, *plan[:3], backend=backend, rows=plan.rows,
             **transforms, **head_options)
     else:

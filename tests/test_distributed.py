@@ -1,14 +1,14 @@
-"""fastdpo.loss under DDP and FSDP2 (torch.distributed.fsdp.fully_shard), 2 CPU processes, gloo.
+"""Multi-process fastdpo: DDP, FSDP2 and a vocabulary-parallel head, 2 CPU processes, gloo.
 
-Each test launches tests/dist_worker.py with torch.distributed.run (see its docstring): every rank
-computes fastdpo.loss on its half of a global batch (fused hidden/weight form with cached reference
-log-probs, and logits form with ref_logits), backward, and the synchronised gradients must equal a
-single-process run on the global batch within fp32 tolerance (rtol 1e-5, atol 1e-6). This holds
-because fastdpo.loss is a mean over pairs, DDP/FSDP average gradients over ranks and both ranks hold
-the same number of pairs. The worker also checks a negative control (one rank's un-synchronised
-gradient is far outside the tolerance). About 10-15 s per launch on 2 cores.
+Each test launches tests/dist_worker.py (see its docstring) with torchrun (torch.distributed.run) or
+accelerate launch and checks its JSON summary: losses and gradients equal a single-process run on the
+same global batch (|g_dist - g_single| <= 1e-6 + 1e-5 |g_single|, losses within 1e-6), for fastdpo.loss on
+padded batches and for fastdpo.model.model_loss on packed shared-prompt batches with two micro-batches of
+gradient accumulation; the vocabulary-parallel head is also bitwise equal across ranks and repeated runs.
+Also runs examples/multi_gpu.py (FSDP2) under accelerate launch. About 10-20 s per launch on 2 cores.
 """
 import json
+import math
 import os
 import socket
 import subprocess
@@ -16,9 +16,10 @@ import sys
 
 import pytest
 
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "dist_worker.py")
+EXAMPLE = os.path.join(os.path.dirname(HERE), "examples", "multi_gpu.py")
+
 
 def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -26,32 +27,111 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(mode, tmp_path, timeout=150):
+def run_two_processes(launcher, script_and_args, cwd, timeout=150):
+    """Run a script in 2 processes with torchrun or accelerate launch -> its stdout (fails the test on error)."""
     import torch.distributed as dist
 
     assert dist.is_available() and dist.is_gloo_available(), "torch.distributed with gloo is required"
-    out = tmp_path / f"{mode}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", WORKER, "--mode", mode, "--out", str(out)]
+    port = free_port()
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+               "--master_addr=127.0.0.1", f"--master_port={port}"]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
+               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={port}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd + script_and_args, env=env, capture_output=True, text=True, timeout=timeout,
+                              cwd=cwd)
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{mode} worker timed out after {timeout}s:\n{(e.stderr or '')[-3000:]}")
-    assert proc.returncode == 0 and out.is_file(), (
-        f"{mode} worker failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return json.loads(out.read_text())
+        pytest.fail(f"{script_and_args} timed out after {timeout}s:\n{(e.stderr or '')[-3000:]}")
+    assert proc.returncode == 0, (
+        f"{script_and_args} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc.stdout
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_loss_gradients_match_single_process(mode, tmp_path):
-    res = launch(mode, tmp_path)
-    assert res["mode"] == mode and res["world_size"] == 2 and res["params_sharded_as_expected"]
-    assert set(res["forms"]) == {"fused", "logits"}
-    for form, r in res["forms"].items():
-        assert r["ok"], (form, r)
-        assert r["num_params"] == 21 and not r["missing_grads"], (form, r)
-        assert r["grad_norm"] > 0.1, (form, r)
-        assert r["max_tolerance_ratio"] <= 1.0, (form, r)  # |g_dist - g_single| <= 1e-6 + 1e-5 |g_single|
-        assert r["local_only_tolerance_ratio"] > 100, (form, r)  # the comparison can tell sync from no sync
-        assert abs(r["loss_dist_mean"] - r["loss_single"]) <= 1e-6, (form, r)
+def launch(mode, tmp_path, launcher="torchrun"):
+    """Run tests/dist_worker.py for the comma-separated engines `mode` -> {engine: results}."""
+    out = tmp_path / f"{mode.replace(',', '-')}-{launcher}.json"
+    args = [WORKER] + (["--accelerate"] if launcher == "accelerate" else []) + ["--mode", mode, "--out", str(out)]
+    run_two_processes(launcher, args, tmp_path)
+    res = json.loads(out.read_text())
+    assert res["world_size"] == 2 and res["backend"] == "gloo" and res["launcher"] == launcher, res
+    assert res["ok"] and list(res["modes"]) == mode.split(","), res
+    return res["modes"]
+
+
+def check_equal_to_single_process(r):
+    assert r["ok"], r
+    assert r["num_params"] == 21 and not r["missing_grads"], r
+    assert r["grad_norm"] > 0.1, r
+    assert r["max_tolerance_ratio"] <= 1.0, r  # |g_dist - g_single| <= 1e-6 + 1e-5 |g_single|
+    assert r["loss_abs_diff"] <= 1e-6, r
+
+
+def check_data_parallel(res, mode):
+    assert set(res["loss_forms"]) == {"fused", "logits"}
+    for r in res["loss_forms"].values():
+        check_equal_to_single_process(r)
+        assert r["local_only_tolerance_ratio"] > 100, r  # the comparison can tell sync from no sync
+    r = res["model_loss"]
+    check_equal_to_single_process(r)
+    assert r["micro_batches"] == 2 and r["pairs_per_rank"] == 4 and r["vocab_parallel_calls_per_step"] == 0, r
+    if mode == "fsdp2":  # every parameter, the LM head included, is a DTensor shard at rest
+        assert r["wrapper"].startswith("FSDP") and len(r["dtensor_params"]) == 21, r
+        assert "lm.lm_head.weight" in r["dtensor_params"], r
+    else:
+        assert r["wrapper"] == "DistributedDataParallel" and r["dtensor_params"] == [], r
+
+
+def check_vocab_parallel_head(res):
+    r = res["model_loss"]  # model_loss with the policy's and reference's lm_head sharded along V
+    check_equal_to_single_process(r)
+    assert r["dtensor_params"] == ["lm.lm_head.weight"] and r["pairs_per_rank"] == 8, r
+    assert r["vocab_parallel_calls_per_step"] == 4, r  # policy + reference, 2 micro-batches: the op really ran
+    assert r["bitwise_across_ranks"] and r["bitwise_repeat"], r
+    assert r["forward_logits_max_diff"] <= 1e-5, r  # model.forward still returns the full logits
+
+    vp = res["vocab_parallel"]
+    assert vp["ok"], vp
+    assert vp["shard_sizes"] == [49, 48]
+    assert len(vp["cases"]) == 8  # {plain, scale+softcap+temperature} x {no bias, bias} x {stored, recompute}
+    for case in vp["cases"]:  # fp32 against a float64 single-process head
+        assert case["logps_rel_err"] <= 1e-5 and case["grad_rel_err"] <= 1e-5, case
+        assert case["bitwise_across_ranks"], case
+    assert vp["bitwise_repeat"] and vp["stored_equals_recompute_logps"]
+    assert vp["reference_path_no_graph"] and vp["reference_path_equals_grad_path"]
+    assert vp["process_group_equals_dtensor"]
+    assert vp["large_logits_rel_err"] <= 1e-6 and vp["equal_logits_rel_err"] <= 1e-6
+    assert vp["no_scored_tokens_zero"]
+    refusals = vp["refusals"]
+    assert "identical on every rank" in refusals["not_replicated"]
+    assert "head_mode='fused'" in refusals["fused"]
+    assert "tile the vocabulary" in refusals["overlapping_offsets"]
+    assert "must lie in [0, 97)" in refusals["target_out_of_range_on_one_rank"]  # both ranks raise: no hang
+
+
+def test_torchrun_ddp_and_vocab_parallel_head(tmp_path):
+    res = launch("ddp,tp", tmp_path)  # one launch, two engines in turn (each launch costs ~10 s of start-up)
+    check_data_parallel(res["ddp"], "ddp")
+    check_vocab_parallel_head(res["tp"])
+
+
+def test_torchrun_fsdp2(tmp_path):
+    check_data_parallel(launch("fsdp2", tmp_path)["fsdp2"], "fsdp2")
+
+
+def test_accelerate_launch_ddp_with_accumulation(tmp_path):
+    res = launch("ddp", tmp_path, launcher="accelerate")["ddp"]
+    assert "loss_forms" not in res
+    check_equal_to_single_process(res["model_loss"])
+    assert res["model_loss"]["wrapper"] == "DistributedDataParallel" and res["model_loss"]["micro_batches"] == 2
+
+
+def test_multi_gpu_example_fsdp2_under_accelerate(tmp_path):
+    out = run_two_processes("accelerate", [EXAMPLE, "--engine", "fsdp2", "--steps", "3", "--pairs-per-rank", "4"],
+                            tmp_path)
+    losses = [float(line.split()[-1]) for line in out.splitlines() if line.startswith("step")]
+    assert len(losses) == 3, out
+    assert abs(losses[0] - math.log(2)) < 1e-4, out  # policy == reference before the first step
+    assert losses[-1] < losses[0] - 0.01, out  # it learns
