@@ -119,7 +119,8 @@ def compute_sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=Non
         if flat.stride(1) != 1:
             flat = flat.contiguous()
         logps, logit_sums = logits_sequence_logps(flat, *plan[:3], backend=backend,
-                                                  inplace_backward=inplace_backward)
+                                                  inplace_backward=inplace_backward, logit_scale=logit_scale,
+                                                  softcap=softcap, temperature=temperature)
     if check_finite:
         _check_finite("hidden/weight" if fused else "logits", logps)
     n_tokens = torch.bincount(plan.seq_index[plan.seq_index >= 0], minlength=plan.num_sequences)

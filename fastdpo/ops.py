@@ -5,12 +5,14 @@ Two ops, one per input form, each mapping tokens to per-sequence sums:
   linear_sequence_logps(hidden [N, D], weight [V, D], bias [V] | None, targets [N], seq_index [N], S)
 both -> (logps [S] fp32, logit_sums [S] fp32). targets are -1 and seq_index is -1 where a token has no
 target. The backend is a module with the launcher functions: `fastdpo.kernels` (Triton) or
-`fastdpo.torch_ops` (PyTorch). Without grad (the reference model) the launchers are called directly and
-nothing is saved for backward.
+`fastdpo.torch_ops` (PyTorch). The LM head of the second form runs in one of the head modes of
+`fastdpo.head`. Without grad (the reference model) nothing is saved for backward. Autocast is disabled
+inside the ops: they compute in the input dtypes (fp32 math for the row reductions).
 """
 import torch
 
 from . import torch_ops
+from .head import make_head
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -26,6 +28,10 @@ def resolve_backend(backend, device):
     return kernels
 
 
+def _no_autocast(device):
+    return torch.autocast(device.type, enabled=False)
+
+
 def _sequence_sums(impl, row_logps, logit_sum, seq_index, num_sequences):
     sums = impl.segment_sum(torch.stack([row_logps, logit_sum]), seq_index, num_sequences)
     return sums[0], sums[1]
@@ -38,11 +44,11 @@ def _rows_gradient(grad_logps, seq_index, dtype):
 
 class _LogitsSequenceLogps(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, seq_index, num_sequences, impl, inplace_backward):
-        target_logit, lse, logit_sum = impl.row_logps_forward(logits, targets)
-        logps, logit_sums = _sequence_sums(impl, target_logit - lse, logit_sum, seq_index, num_sequences)
+    def forward(ctx, logits, targets, seq_index, num_sequences, impl, inplace_backward, transforms):
+        row_logp, lse, logit_sum = impl.row_logps_forward(logits, targets, **transforms)
+        logps, logit_sums = _sequence_sums(impl, row_logp, logit_sum, seq_index, num_sequences)
         ctx.save_for_backward(logits, targets, seq_index, lse)
-        ctx.impl, ctx.inplace_backward = impl, inplace_backward
+        ctx.impl, ctx.inplace_backward, ctx.transforms = impl, inplace_backward, transforms
         ctx.mark_non_differentiable(logit_sums)
         return logps, logit_sums
 
@@ -51,57 +57,69 @@ class _LogitsSequenceLogps(torch.autograd.Function):
         logits, targets, seq_index, lse = ctx.saved_tensors
         grad_rows = _rows_gradient(grad_logps, seq_index, lse.dtype)
         out = logits if ctx.inplace_backward else None
-        grad_logits = ctx.impl.row_logps_backward(logits, targets, lse, grad_rows, out=out)
-        return grad_logits, None, None, None, None, None
+        with _no_autocast(logits.device):
+            grad_logits = ctx.impl.row_logps_backward(logits, targets, lse, grad_rows, out=out, **ctx.transforms)
+        return grad_logits, None, None, None, None, None, None
 
 
 def logits_sequence_logps(logits, targets, seq_index, num_sequences, *, backend="auto",
-                          inplace_backward=False):
-    """Per-sequence log-prob sums from logits [N, V] -> (logps [S], logit_sums [S]) fp32."""
+                          inplace_backward=False, logit_scale=1.0, softcap=None, temperature=1.0):
+    """Per-sequence log-prob sums from raw logits [N, V] -> (logps [S], logit_sums [S]) fp32.
+
+    The scored logits are z = softcap(logit_scale * logits) / temperature.
+    """
     impl = resolve_backend(backend, logits.device)
-    if torch.is_grad_enabled() and logits.requires_grad:
-        return _LogitsSequenceLogps.apply(logits, targets, seq_index, num_sequences, impl, inplace_backward)
-    target_logit, lse, logit_sum = impl.row_logps_forward(logits.detach(), targets)
-    return _sequence_sums(impl, target_logit - lse, logit_sum, seq_index, num_sequences)
+    transforms = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
+    with _no_autocast(logits.device):
+        if torch.is_grad_enabled() and logits.requires_grad:
+            return _LogitsSequenceLogps.apply(logits, targets, seq_index, num_sequences, impl, inplace_backward,
+                                              transforms)
+        row_logp, _, logit_sum = impl.row_logps_forward(logits.detach(), targets, **transforms)
+        return _sequence_sums(impl, row_logp, logit_sum, seq_index, num_sequences)
 
 
 class _LinearSequenceLogps(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, rows, targets, seq_of_rows, num_sequences, impl, transforms):
-        target_logit, lse, logit_sum = impl.linear_logps_forward(hidden, weight, bias, rows, targets,
-                                                                 **transforms)
-        logps, logit_sums = _sequence_sums(impl, target_logit - lse, logit_sum, seq_of_rows, num_sequences)
-        ctx.save_for_backward(hidden, weight, bias, rows, targets, seq_of_rows, lse)
-        ctx.impl, ctx.transforms = impl, transforms
+    def forward(ctx, hidden, weight, bias, rows, targets, seq_of_rows, num_sequences, head):
+        row_logp, logit_sum, saved = head.forward(hidden, weight, bias, rows, targets, keep=True)
+        logps, logit_sums = _sequence_sums(head.impl, row_logp, logit_sum, seq_of_rows, num_sequences)
+        ctx.save_for_backward(hidden, weight, bias, rows, targets, seq_of_rows, *saved)
+        ctx.head, ctx.grad_dtype = head, row_logp.dtype
         ctx.mark_non_differentiable(logit_sums)
         return logps, logit_sums
 
     @staticmethod
     def backward(ctx, grad_logps, _):
-        hidden, weight, bias, rows, targets, seq_of_rows, lse = ctx.saved_tensors
-        grad_hidden, grad_weight, grad_bias = ctx.impl.linear_logps_backward(
-            hidden, weight, bias, rows, targets, lse, _rows_gradient(grad_logps, seq_of_rows, lse.dtype),
-            needs_hidden_grad=ctx.needs_input_grad[0], needs_weight_grad=ctx.needs_input_grad[1],
-            needs_bias_grad=ctx.needs_input_grad[2], **ctx.transforms)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+        hidden, weight, bias, rows, targets, seq_of_rows, *saved = ctx.saved_tensors
+        grad_rows = _rows_gradient(grad_logps, seq_of_rows, ctx.grad_dtype)
+        with _no_autocast(hidden.device):
+            grads = ctx.head.backward(hidden, weight, bias, rows, targets, saved, grad_rows,
+                                      needs=ctx.needs_input_grad[:3])
+        return (*grads, None, None, None, None, None)
 
 
 def linear_sequence_logps(hidden, weight, bias, targets, seq_index, num_sequences, *, backend="auto",
-                          logit_scale=1.0, softcap=None, temperature=1.0):
-    """Per-sequence log-prob sums through the LM head, logits never materialised.
+                          logit_scale=1.0, softcap=None, temperature=1.0, head_mode="auto",
+                          head_memory_budget=None, fp32_precision="ieee", rows=None):
+    """Per-sequence log-prob sums through the LM head.
 
-    hidden [N, D], weight [V, D], bias [V] | None -> (logps [S], logit_sums [S]) fp32. Only tokens with
-    a target are processed (the index of those rows is built here: one host sync).
+    hidden [N, D], weight [V, D], bias [V] | None -> (logps [S], logit_sums [S]) fp32, for the logits
+    z = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature. Only tokens with a target are
+    processed: `rows` [M] int64 is their index (None: built here, one host sync). head_mode,
+    head_memory_budget: see `fastdpo.head`; fp32_precision: "ieee" (exact fp32 products) or "tf32".
     """
     impl = resolve_backend(backend, hidden.device)
-    rows = torch.nonzero(seq_index >= 0).squeeze(1)
+    if rows is None:
+        rows = torch.nonzero(seq_index >= 0).squeeze(1)
     row_targets, seq_of_rows = targets[rows].contiguous(), seq_index[rows].contiguous()
-    transforms = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
-    needs_grad = any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if torch.is_grad_enabled() and needs_grad:
-        return _LinearSequenceLogps.apply(hidden, weight, bias, rows, row_targets, seq_of_rows,
-                                          num_sequences, impl, transforms)
-    with torch.no_grad():
-        target_logit, lse, logit_sum = impl.linear_logps_forward(hidden, weight, bias, rows, row_targets,
-                                                                 **transforms)
-    return _sequence_sums(impl, target_logit - lse, logit_sum, seq_of_rows, num_sequences)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    head = make_head(impl, head_mode=head_mode, head_memory_budget=head_memory_budget, weight=weight,
+                     num_rows=rows.numel(), fp32_precision=fp32_precision, needs_grad=needs_grad,
+                     transforms=dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature))
+    with _no_autocast(hidden.device):
+        if needs_grad:
+            return _LinearSequenceLogps.apply(hidden, weight, bias, rows, row_targets, seq_of_rows,
+                                              num_sequences, head)
+        with torch.no_grad():
+            row_logp, logit_sum, _ = head.forward(hidden, weight, bias, rows, row_targets, keep=False)
+        return _sequence_sums(impl, row_logp, logit_sum, seq_of_rows, num_sequences)

@@ -159,7 +159,7 @@ def test_fused_form_forward_and_backward_match_float64(backend, dtype, case):
     h, w, b = leaves if with_bias else (*leaves, None)
     expected = sequence_logps_f64(head_logits_f64(h, w, b, **transforms), labels)[0]
     expected_grads = torch.autograd.grad(expected, leaves, upstream.double())
-    assert rel_err(out.logps, expected) <= 1e-5
+    assert rel_err(out.logps, expected) <= TOL[dtype]  # the GEMM head rounds bf16 logits to bf16
     for name, g, e in zip(("hidden", "weight", "bias"), grads, expected_grads):
         assert g.dtype == dtype, name
         assert rel_err(g, e) <= TOL[dtype], name

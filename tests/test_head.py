@@ -1,0 +1,249 @@
+"""The LM head modes of `fastdpo.ops.linear_sequence_logps` against float64, on both backends.
+
+Values, logit sums and all gradients for every head mode x dtype x transforms x bias; chunk boundaries,
+frozen head, autocast, determinism, NaN upstream gradients and refused options.
+"""
+import pytest
+import torch
+
+import fastdpo.head
+from fastdpo.ops import linear_sequence_logps
+from reference import head_logits_f64, rel_err
+
+BACKENDS = ["torch", "triton"]
+MODES = ["stored", "recompute", "fused", "auto"]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+TRANSFORMS = {"plain": {}, "scale-softcap-temperature": {"logit_scale": 1.5, "softcap": 8.0, "temperature": 0.7}}
+
+
+def _problem(N=14, D=24, V=97, S=3, *, dtype=torch.float32, with_bias=True, bias_offset=0.0, seed=0):
+    """Random head inputs (CPU, float64 masters) and a token plan with unscored (-1) tokens."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, D, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, D, generator=g, dtype=torch.float64) * (2.0 / D ** 0.5)
+    bias = torch.randn(V, generator=g, dtype=torch.float64) + bias_offset if with_bias else None
+    seq_index = torch.randint(0, S, (N,), generator=g)
+    seq_index[torch.rand(N, generator=g) < 0.25] = -1
+    targets = torch.where(seq_index >= 0, torch.randint(0, V, (N,), generator=g), -1)
+    inputs = [t.to(dtype) for t in (hidden, weight, bias) if t is not None]
+    return inputs, targets, seq_index, S
+
+
+def _on(device, tensors, requires_grad=True):
+    return [t.to(device).requires_grad_(requires_grad) for t in tensors]
+
+
+def _expected(inputs, targets, seq_index, S, upstream, transforms):
+    """float64 (logps, logit_sums, grads of (upstream . logps) w.r.t. inputs) from the inputs' values."""
+    leaves = [t.detach().cpu().double().requires_grad_() for t in inputs]
+    z = head_logits_f64(*leaves, **transforms)
+    scored = seq_index >= 0
+    logp = torch.log_softmax(z, dim=-1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+    logps = torch.zeros(S, dtype=torch.float64).index_add(0, seq_index[scored], logp[scored])
+    logit_sums = torch.zeros(S, dtype=torch.float64).index_add(0, seq_index[scored], z.sum(1)[scored])
+    grads = torch.autograd.grad(logps, leaves, upstream.double())
+    return logps.detach(), logit_sums.detach(), grads
+
+
+def _run(inputs, targets, seq_index, S, upstream, device, **options):
+    hidden, weight, bias = (*inputs, None) if len(inputs) == 2 else inputs
+    logps, logit_sums = linear_sequence_logps(hidden, weight, bias, targets.to(device), seq_index.to(device), S,
+                                              **options)
+    grads = torch.autograd.grad(logps, [t for t in inputs if t.requires_grad], upstream.to(device))
+    return logps, logit_sums, grads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("transforms", TRANSFORMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", MODES)
+def test_head_mode_matches_float64(mode, dtype, transforms, with_bias, backend, device):
+    inputs, targets, seq_index, S = _problem(dtype=dtype, with_bias=with_bias)
+    inputs = _on(device, inputs)
+    upstream = torch.randn(S, generator=torch.Generator().manual_seed(1))
+    logps, logit_sums, grads = _run(inputs, targets, seq_index, S, upstream, device, backend=backend,
+                                    head_mode=mode, **TRANSFORMS[transforms])
+    expected, expected_sums, expected_grads = _expected(inputs, targets, seq_index, S, upstream,
+                                                        TRANSFORMS[transforms])
+    assert logps.dtype == logit_sums.dtype == torch.float32
+    assert rel_err(logps, expected) <= TOL[dtype]
+    assert rel_err(logit_sums, expected_sums) <= TOL[dtype]
+    for name, grad, want, leaf in zip(("hidden", "weight", "bias"), grads, expected_grads, inputs):
+        assert grad.dtype == leaf.dtype and grad.device == leaf.device, name
+        assert rel_err(grad, want) <= TOL[dtype], name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["stored", "recompute", "auto"])
+def test_many_chunks_match_one_chunk_and_float64(mode, backend, device, monkeypatch):
+    """A budget of 3 rows of logits splits the 14 scored-or-not rows into chunks of 3 (stored: default budget)."""
+    inputs, targets, seq_index, S = _problem(seed=2)
+    V, itemsize = inputs[1].shape[0], inputs[1].element_size()
+    budget = 3 * V * itemsize
+    if mode == "stored":  # an explicit budget below M x V is refused for "stored": shrink the default
+        monkeypatch.setattr(fastdpo.head, "CPU_HEAD_MEMORY_BUDGET", budget)
+        monkeypatch.setattr(fastdpo.head, "CUDA_FREE_MEMORY_FRACTION", 0.0)
+    options = dict(backend=backend, head_mode=mode, softcap=6.0,
+                   head_memory_budget=None if mode == "stored" else budget)
+    upstream = torch.randn(S, generator=torch.Generator().manual_seed(3))
+    chunked = _run(_on(device, inputs), targets, seq_index, S, upstream, device, **options)
+    expected, expected_sums, expected_grads = _expected(inputs, targets, seq_index, S, upstream, {"softcap": 6.0})
+    assert rel_err(chunked[0], expected) <= 1e-5 and rel_err(chunked[1], expected_sums) <= 1e-5
+    for grad, want in zip(chunked[2], expected_grads):
+        assert rel_err(grad, want) <= 1e-5
+
+
+def test_chunk_count_follows_the_budget():
+    inputs, targets, seq_index, S = _problem()
+    weight = inputs[1]
+    head = fastdpo.head.make_head(None, head_mode="recompute", head_memory_budget=3 * 97 * 4 + 5, weight=weight,
+                                  num_rows=11, transforms={}, fp32_precision="ieee", needs_grad=True)
+    assert head.chunk_rows == 3 and not head.store
+    auto = lambda budget: fastdpo.head.make_head(None, head_mode="auto", head_memory_budget=budget, weight=weight,
+                                                 num_rows=11, transforms={}, fp32_precision="ieee", needs_grad=True)
+    assert auto(11 * 97 * 4).store and not auto(11 * 97 * 4 - 1).store
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_frozen_head_gives_hidden_grad_only(mode, backend, device):
+    inputs, targets, seq_index, S = _problem(seed=4)
+    hidden, weight, bias = _on(device, inputs[:1]) + _on(device, inputs[1:], requires_grad=False)
+    upstream = torch.randn(S, generator=torch.Generator().manual_seed(5))
+    _, _, (grad_hidden,) = _run([hidden, weight, bias], targets, seq_index, S, upstream, device, backend=backend,
+                                head_mode=mode)
+    _, _, expected_grads = _expected(inputs, targets, seq_index, S, upstream, {})
+    assert rel_err(grad_hidden, expected_grads[0]) <= 1e-5
+    assert weight.grad is None and bias.grad is None
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bf16_autocast_on_cpu(mode):
+    """Under bf16 autocast the ops compute in the input dtypes: fp32 inputs keep fp32 accuracy."""
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        inputs, targets, seq_index, S = _problem(dtype=dtype, seed=6)
+        inputs = _on(torch.device("cpu"), inputs)
+        upstream = torch.randn(S, generator=torch.Generator().manual_seed(7))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logps, _, grads = _run(inputs, targets, seq_index, S, upstream, "cpu", backend="torch", head_mode=mode)
+        expected, _, expected_grads = _expected(inputs, targets, seq_index, S, upstream, {})
+        assert rel_err(logps, expected) <= tol
+        for grad, want, leaf in zip(grads, expected_grads, inputs):
+            assert grad.dtype == leaf.dtype and rel_err(grad, want) <= tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_deterministic(mode, backend, device):
+    inputs, targets, seq_index, S = _problem(dtype=torch.bfloat16, seed=8)
+    upstream = torch.randn(S, generator=torch.Generator().manual_seed(9))
+    options = dict(backend=backend, head_mode=mode, head_memory_budget=4 * 97 * 2, softcap=5.0)
+    if mode == "stored":
+        options["head_memory_budget"] = None
+    first, second = (_run(_on(device, inputs), targets, seq_index, S, upstream, device, **options) for _ in range(2))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert all(torch.equal(a, b) for a, b in zip(first[2], second[2]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_nan_upstream_gradient_propagates(mode, backend, device):
+    inputs, targets, seq_index, S = _problem(seed=10)
+    upstream = torch.tensor([1.0, float("nan"), 0.0])
+    _, _, (grad_hidden, grad_weight, grad_bias) = _run(_on(device, inputs), targets, seq_index, S, upstream,
+                                                       device, backend=backend, head_mode=mode)
+    nan_rows = (seq_index == 1).to(device)
+    assert grad_hidden[nan_rows].isnan().all() and grad_hidden[~nan_rows].isfinite().all()
+    assert grad_weight.isnan().all() and grad_bias.isnan().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_large_bias_small_temperature_tail_rows_stay_finite(mode, backend, device):
+    """5 scored rows (a partial tile), bias 1, temperature 0.01: exp(z - lse) must not overflow anywhere."""
+    inputs, targets, seq_index, S = _problem(N=5, D=16, V=64, S=2, bias_offset=1.0, seed=11)
+    upstream = torch.randn(S, generator=torch.Generator().manual_seed(12))
+    logps, _, grads = _run(_on(device, inputs), targets, seq_index, S, upstream, device, backend=backend,
+                           head_mode=mode, temperature=0.01)
+    expected, _, expected_grads = _expected(inputs, targets, seq_index, S, upstream, {"temperature": 0.01})
+    assert rel_err(logps, expected) <= 1e-5
+    for grad, want in zip(grads, expected_grads):
+        assert grad.isfinite().all() and rel_err(grad, want) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocabulary_not_a_multiple_of_16(backend, device):
+    inputs, targets, seq_index, S = _problem(N=6, D=8, V=50257, S=2, dtype=torch.bfloat16, seed=13)
+    upstream = torch.randn(S, generator=torch.Generator().manual_seed(14))
+    logps, _, grads = _run(_on(device, inputs), targets, seq_index, S, upstream, device, backend=backend)
+    expected, _, expected_grads = _expected(inputs, targets, seq_index, S, upstream, {})
+    assert rel_err(logps, expected) <= 1e-2
+    for grad, want in zip(grads, expected_grads):
+        assert rel_err(grad, want) <= 1e-2
+
+
+@pytest.mark.parametrize("fp32_precision", ["ieee", "tf32"])
+def test_fp32_precision_on_cpu_is_exact_and_flags_are_restored(fp32_precision):
+    """On CPU TF32 is only a permission: both settings give the exact-product result, bit for bit."""
+    inputs, targets, seq_index, S = _problem(seed=15)
+    upstream = torch.randn(S, generator=torch.Generator().manual_seed(16))
+    before = torch.backends.mkldnn.matmul.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    runs = [_run(_on(torch.device("cpu"), inputs), targets, seq_index, S, upstream, "cpu", backend="torch",
+                 fp32_precision=precision) for precision in ("ieee", fp32_precision)]
+    assert (torch.backends.mkldnn.matmul.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == before
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][2], runs[1][2]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (fp32 products on tensor cores)")
+def test_fp32_precision_ieee_does_not_follow_allow_tf32(device):
+    if device.type != "cuda":
+        pytest.skip("FASTDPO_TEST_DEVICE is not cuda")
+    inputs, targets, seq_index, S = _problem(N=256, D=512, V=4096, seed=17)
+    upstream = torch.randn(S, generator=torch.Generator().manual_seed(18))
+    saved = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        logps, _, grads = _run(_on(device, inputs), targets, seq_index, S, upstream, device, head_mode="stored")
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = saved
+    expected, _, expected_grads = _expected(inputs, targets, seq_index, S, upstream, {})
+    assert rel_err(logps, expected) <= 1e-5
+    assert all(rel_err(g, e) <= 1e-5 for g, e in zip(grads, expected_grads))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with ~16 GB free")
+def test_offsets_past_two_to_the_31_elements(device):
+    """M x V > 2^31 logits elements in the stored buffer: the last rows must still be right."""
+    if device.type != "cuda" or torch.cuda.mem_get_info()[0] < 16 << 30:
+        pytest.skip("FASTDPO_TEST_DEVICE is not cuda, or under 16 GB free")
+    N, D, V = 17000, 64, 128256  # 2.18e9 > 2^31 logits
+    g = torch.Generator().manual_seed(19)
+    hidden = torch.randn(N, D, generator=g).to(device, torch.bfloat16).requires_grad_()
+    weight = (torch.randn(V, D, generator=g) / 8).to(device, torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=g).to(device)
+    seq_index = torch.arange(N, device=device)
+    logps, _ = linear_sequence_logps(hidden, weight, None, targets, seq_index, N, head_mode="stored")
+    (grad_hidden,) = torch.autograd.grad(logps.sum(), [hidden])
+    tail = torch.arange(N - 8, N)
+    z = hidden[tail].detach().double() @ weight.detach().double().T
+    expected = torch.log_softmax(z, -1).gather(1, targets[tail, None]).squeeze(1)
+    assert rel_err(logps[tail], expected) <= 1e-2
+    assert grad_hidden[tail].isfinite().all() and grad_hidden[tail].abs().sum() > 0
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(head_mode="stored-ish"), "head_mode"),
+    (dict(head_memory_budget=0), "head_memory_budget"),
+    (dict(head_memory_budget=-5), "head_memory_budget"),
+    (dict(head_memory_budget=1.5e9), "head_memory_budget"),
+    (dict(head_memory_budget=True), "head_memory_budget"),
+    (dict(fp32_precision="fast"), "fp32_precision"),
+    (dict(head_mode="stored", head_memory_budget=100), "head_memory_budget"),
+])
+def test_bad_options_are_refused(options, match):
+    inputs, targets, seq_index, S = _problem()
+    with pytest.raises(ValueError, match=match):
+        _run(_on(torch.device("cpu"), inputs), targets, seq_index, S, torch.ones(S), "cpu", backend="torch",
+             **options)
