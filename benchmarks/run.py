@@ -3,7 +3,7 @@
   1. DPO loss-head step (policy LM head forward + backward, reference head forward): fastdpo (the default
      head_mode "auto" and each explicit mode), the plain full-logits baseline and the installed peers (TRL,
      Liger-Kernel, torch F.linear_cross_entropy, Cut Cross-Entropy), at V = 32000 and V = 128256.
-  2. End-to-end DPO training step on a tiny Llama (benchmarks/e2e.py).
+  2. End-to-end DPO training step on a tiny Llama (benchmarks/e2e.py), on the first data set (--full: all).
   3. Roofline projection (H100 step, H200 anchor) of every algorithm and head mode: projections, not measured.
 
 Method, robust to other load on the machine: the head cells are measured in interleaved rounds; in each round
@@ -19,8 +19,9 @@ benchmarks/results/ change only with --update-reference. Progress (with an estim
 to stderr.
 
   --quick     CI smoke run: tiny shapes, two rounds (seconds)
-  --full      configs A-D of shared/peers-cpu.md and every implementation (also Liger compiled=True,
-              fastdpo on materialised logits, torch's default-chunking linear_cross_entropy): about an hour
+  --full      configs A-D of shared/peers-cpu.md, every implementation (also Liger compiled=True, fastdpo
+              on materialised logits, torch's default-chunking linear_cross_entropy) and every e2e data
+              set: about an hour
   --device    cpu (default) or cuda (Triton kernels, bf16, timed with triton.testing.do_bench,
               adds config G = the Llama-3-8B head, and reports achieved GB/s and TFLOP/s)
 """
@@ -141,20 +142,26 @@ def _clock(s):
 
 
 class Progress:
-    """A progress bar on stderr: jobs done, elapsed time and an estimate of the time left, from the
-    measured wall time of the same job in an earlier round, else an estimate from its size."""
+    """A progress bar on stderr: jobs done, elapsed time and an estimate of the time left: the measured wall
+    time of the same job in an earlier round, else its size estimate scaled by how far the measured jobs
+    were from their own estimates (which absorbs the machine's speed and load)."""
 
     def __init__(self, jobs):
         self.jobs = jobs  # [(key, estimated seconds)]
         self.walls = {}  # key -> last measured seconds
+        self.first = [0.0, 0.0]  # estimated and measured seconds of jobs measured for the first time
         self.done = 0
         self.t0 = time.perf_counter()
         self.tty = sys.stderr.isatty()
 
     def left_s(self):
-        return sum(self.walls.get(key, est) for key, est in self.jobs[self.done:])
+        scale = self.first[1] / self.first[0] if self.first[0] else 1.0
+        return sum(self.walls.get(key, est * scale) for key, est in self.jobs[self.done:])
 
     def step(self, key, wall_s, msg):
+        if key not in self.walls:
+            self.first[0] += self.jobs[self.done][1]
+            self.first[1] += wall_s
         self.walls[key] = wall_s
         self.done += 1
         elapsed = time.perf_counter() - self.t0
@@ -317,7 +324,10 @@ def run_heads(args, dtype, rounds, server, progress, results):
 
 
 def e2e_datasets(args):
-    return args.datasets.split(",") if args.datasets else (["hh-rlhf"] if args.quick else list(DATASETS))
+    """--datasets, else every data set with --full, else the first (the default run's end-to-end step)."""
+    if args.datasets:
+        return args.datasets.split(",")
+    return list(DATASETS) if args.full else list(DATASETS[:1])
 
 
 def run_e2e(args, server, progress, results):
