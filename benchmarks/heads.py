@@ -6,9 +6,11 @@ before the LM head, the two head weights, Hugging Face style unshifted labels wi
 prompt) and returns a zero-argument `step()` that runs one full step (backward included) and returns
 the detached loss.
 
-Implementations register themselves with `@register(...)`: fastdpo and the plain baseline here, the
-peers (TRL, Liger-Kernel, torch's linear_cross_entropy, Cut Cross-Entropy) in benchmarks/peers.py,
-whose `all_impls()` returns the complete registry.
+Implementations register themselves with `@register(...)`: fastdpo (`fastdpo`: the default call, head_mode
+"auto"; `fastdpo_stored` / `_recompute` / `_fused`: `fastdpo.loss(head_mode=...)`, skipped while fastdpo.loss
+has no head_mode; `fastdpo_logits`: on materialised logits) and the plain baseline here, the peers (TRL,
+Liger-Kernel, torch's linear_cross_entropy, Cut Cross-Entropy) in benchmarks/peers.py, whose `all_impls()`
+returns the complete registry.
 """
 from __future__ import annotations
 
@@ -77,7 +79,7 @@ FULL_CONFIGS = ("A", "B", "C", "D")
 # --device cuda adds the Llama-3-8B head (the shapes of the roofline projection)
 GPU_CONFIGS = {"G": HeadConfig("G", pairs=4, seq_len=1024, prompt_len=512, vocab=128256, hidden=4096)}
 # memory sweep (issue: memory must grow with tokens, not tokens x vocabulary): 1-8 pairs of 2 x 512 tokens
-# (256 prompt), V = 32000 and 128256: `run.py --configs m32k-1024,...,m128k-4096 --impls fastdpo_fused,full_logits`
+# (256 prompt), V = 32000 and 128256: `run.py --configs m32k-1024,...,m128k-4096 --impls fastdpo,full_logits`
 SWEEP_CONFIGS = {f"m{vocab // 1000}k-{1024 * pairs}": HeadConfig(f"m{vocab // 1000}k-{1024 * pairs}", pairs=pairs,
                                                                    seq_len=512, prompt_len=256, vocab=vocab)
                  for vocab in (32000, 128256) for pairs in (1, 2, 4, 8)}
