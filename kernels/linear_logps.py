@@ -9,8 +9,9 @@ Forward (``linear_logps_forward``), one kernel + a tiny torch merge:
   FWD_GROUP_M token tiles x all splits (L2 reuse). Program (i, s) loops over the BLOCK_V vocab tiles of
   split s; each logits tile is a loop over D in BLOCK_D chunks. Online log-sum-exp; it writes
   per-(split, row) partials (max, sum exp, target logit, logit sum) to a [S, 4, M] fp32 buffer that
-  ``_merge_forward`` combines with fixed-shape torch reductions (deterministic). Extra memory O(S * M).
-  S fills ~2 programs per SM when M is small and is >= FWD_L2_SPLITS when V is large.
+  ``_merge_forward`` combines with fixed-shape torch reductions (deterministic) into the cancellation-free
+  row_logp = (z_t - max) - log sum exp(z - max). Extra memory O(S * M). S fills ~2 programs per SM when M
+  is small and is >= FWD_L2_SPLITS when V is large.
 
 Backward (``linear_logps_backward``), one kernel body, two launches chosen by a constexpr:
   OUTER_TOKENS=True  -> grad_hidden: program (token tile, vocab split) loops over its vocab tiles,
@@ -19,8 +20,12 @@ Backward (``linear_logps_backward``), one kernel body, two launches chosen by a 
   OUTER_TOKENS=False -> grad_weight / grad_bias: program (vocab tile, token split) loops over its token
                         tiles, accumulates dz^T @ hidden into its own slice [split, BLOCK_V rows, D] and
                         dz summed over tokens into its own bias partial.
-  Token tiles whose grad_rows are all exactly 0 are skipped. Split partials are summed with torch in a
-  fixed order. No atomics: bitwise deterministic for a given shape and device.
+  Token tiles whose grad_rows are all exactly 0 are skipped (a NaN is not 0: it propagates); rows past the
+  last token of a tile load lse = +inf, so they contribute exactly 0 however large their logits are.
+  Split partials are summed with torch in a fixed order. No atomics: bitwise deterministic for a given
+  shape and device.
+fp32 inputs: ``fp32_precision="ieee"`` (default) multiplies exactly (FMA dots), "tf32" allows TF32 tensor
+cores; never taken from torch.backends. All row offsets are int64 (row * stride).
   fp32 workspaces are bounded by ``workspace_bytes`` (the launcher walks the outer axis in chunks);
   fp32 inputs with a single split accumulate straight into the output.
 """
@@ -29,19 +34,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .transforms import check_fp32_precision, transform_scalars, transformed_logits
+
 __all__ = ["linear_logps_forward", "linear_logps_backward", "AOT_SPECS", "BLOCKS"]
 
 
 # --------------------------------------------------------------------------------------------
 # device helpers (shared by the forward kernel and both backward passes)
 # --------------------------------------------------------------------------------------------
-@triton.jit
-def _tanh(x):
-    """fp32 tanh as 1 - 2 / (exp(2x) + 1): absolute error ~1e-7 (what matters for softcap * tanh inside a
-    log-softmax), saturates correctly at +-inf; no libdevice, so it also runs in the interpreter."""
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-
-
 @triton.jit
 def _row_ptrs(base, idx, stride, ALIGN: tl.constexpr):
     """[B] pointers to rows ``idx`` of a row-major matrix (64-bit offsets). ALIGN > 1 promises a
@@ -82,19 +82,15 @@ def _logits_tile(h_rows, w_rows, bias_ptr, mask_m, offs_v, mask_v, D, logit_scal
             acc = acc + b[:, None]
         else:
             acc = acc + b[None, :]
-    y = acc * logit_scale
-    if HAS_SOFTCAP:
-        z = _tanh(y / softcap) * (softcap * inv_temp)
-    else:
-        z = y * inv_temp
-    return z
+    return transformed_logits(acc, logit_scale, softcap, inv_temp, HAS_SOFTCAP)
 
 
 @triton.jit
 def _dlogits(z, lse, g, tgt, offs_v, mask_v, logit_scale, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr,
              TRANS: tl.constexpr):
     """d(sum_m g[m] * (z[m, tgt[m]] - lse[m])) / d(raw logits hidden.weight + bias) for one tile (layout as
-    in _logits_tile), fp32. Rows with g == 0 (including masked rows) and masked columns give exactly 0."""
+    in _logits_tile), fp32. Masked columns give exactly 0; so do rows with g == 0 whose lse is finite, and
+    masked rows, which callers load with lse = +inf (p = 0 however large z is). NaN in g propagates."""
     if TRANS:
         p = tl.exp(z - lse[None, :])
         onehot = tl.where(offs_v[:, None] == tgt[None, :], 1.0, 0.0)
@@ -186,6 +182,12 @@ def _accumulate(dst_rows, mask_r, a, b_rows, mask_b, D, accum,
 
 
 @triton.jit
+def _any_nonzero(g):
+    """Whether a token tile has work: any g != 0, NaN included (a NaN gradient must propagate)."""
+    return tl.sum((g != 0.0).to(tl.int32), axis=0) > 0
+
+
+@triton.jit
 def _store_zeros(dst_rows, mask_r, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     for d0 in range(0, D, BLOCK_D):
@@ -227,9 +229,9 @@ def _linear_logps_bwd_kernel(
             dst_rows = _row_ptrs(dst_base, rows - dst_row_base, stride_dst_row, ALIGN)
         else:
             dst_rows = _row_ptrs(dst_base, offs_m - dst_row_base, stride_dst_row, ALIGN)
-        if tl.max(tl.abs(g), axis=0) > 0.0:
+        if _any_nonzero(g):
             tgt = tl.load(targets_ptr + offs_m, mask=mask_m, other=-1)
-            lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
+            lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=float("inf"))
             h_rows = _row_ptrs(hidden_ptr, rows, stride_h, ALIGN)
             v_lo = pid_s * inner_per_split
             v_hi = tl.minimum(V, v_lo + inner_per_split)
@@ -258,10 +260,10 @@ def _linear_logps_bwd_kernel(
             offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
             mask_m = offs_m < M
             g = tl.load(grad_ptr + offs_m, mask=mask_m, other=0.0)
-            if tl.max(tl.abs(g), axis=0) > 0.0:
+            if _any_nonzero(g):
                 rows = tl.load(rows_ptr + offs_m, mask=mask_m, other=0)
                 tgt = tl.load(targets_ptr + offs_m, mask=mask_m, other=-1)
-                lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
+                lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=float("inf"))
                 h_rows = _row_ptrs(hidden_ptr, rows, stride_h, ALIGN)
                 z = _logits_tile(h_rows, w_rows, bias_ptr, mask_m, offs_v, mask_v, D, logit_scale, softcap,
                                  inv_temp, HAS_BIAS, HAS_SOFTCAP, True, BLOCK_M, BLOCK_V, BLOCK_D, DOT_PRECISION)
@@ -283,26 +285,16 @@ def _linear_logps_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 # shipped configurations
 # --------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_V, BLOCK_D, num_warps, num_stages) per pass and input dtype (fp32 runs tf32x3 or
-# tf32 tensor-core dots); 0 register spills on sm_80 and sm_90 (see AOT_SPECS).
+# (BLOCK_M, BLOCK_V, BLOCK_D, num_warps, num_stages) per pass and dot flavour: fp32 inputs with exact
+# fp32 products ("ieee": FMA dots), fp32 inputs on TF32 tensor cores ("tf32"), 16-bit inputs (tensor
+# cores, fp32 accumulation); 0 register spills on sm_80 and sm_90 (see AOT_SPECS). FMA dots hold more
+# per thread than tensor-core dots: the ieee tiles use 8 warps (64 x 64 with 4 warps spills).
 # bwd_hidden re-reads / re-writes its fp32 [BLOCK_M, D] slice once per vocab tile -> wide BLOCK_V;
 # bwd_weight does the same with its [BLOCK_V, D] slice once per token tile -> tall BLOCK_M.
 BLOCKS = {
-    "fwd": {
-        torch.float32: (64, 64, 32, 4, 2),
-        torch.bfloat16: (128, 64, 64, 8, 3),
-        torch.float16: (128, 64, 64, 8, 3),
-    },
-    "bwd_hidden": {
-        torch.float32: (64, 64, 16, 4, 3),
-        torch.bfloat16: (64, 256, 32, 8, 3),
-        torch.float16: (64, 256, 32, 8, 3),
-    },
-    "bwd_weight": {
-        torch.float32: (64, 64, 16, 4, 3),
-        torch.bfloat16: (256, 64, 32, 8, 3),
-        torch.float16: (256, 64, 32, 8, 3),
-    },
+    "fwd": {"fp32-ieee": (64, 64, 16, 8, 2), "fp32-tf32": (64, 64, 32, 4, 2), "16-bit": (128, 64, 64, 8, 3)},
+    "bwd_hidden": {"fp32-ieee": (64, 64, 16, 8, 3), "fp32-tf32": (64, 64, 16, 4, 3), "16-bit": (64, 256, 32, 8, 3)},
+    "bwd_weight": {"fp32-ieee": (64, 64, 16, 8, 3), "fp32-tf32": (64, 64, 16, 4, 3), "16-bit": (256, 64, 32, 8, 3)},
 }
 TARGET_PROGRAMS_CPU = 264  # 2 x 132 SMs (H100 SXM); on CUDA the device's SM count is used
 MAX_FWD_SPLITS = 512  # partials are 16 bytes per (split, row)
@@ -318,16 +310,16 @@ def _target_programs(t):
     return TARGET_PROGRAMS_CPU
 
 
-def _dot_precision(dtype):
+def _flavour(dtype, fp32_precision):
+    """(BLOCKS key, tl.dot input_precision) for an input dtype; fp32_precision is validated for every dtype."""
+    check_fp32_precision(fp32_precision)
     if dtype == torch.float32:
-        # 3xTF32 tensor-core dots: ~fp32 accuracy (an FMA "ieee" dot is slow and spills);
-        # plain TF32 when the user opted into it for torch matmuls too
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
-    return "ieee"  # ignored for 16-bit inputs
+        return f"fp32-{fp32_precision}", fp32_precision
+    return "16-bit", "ieee"  # input_precision only concerns fp32 operands
 
 
-def _config(kind, dtype, blocks):
-    bm, bv, bd, nw, ns = BLOCKS[kind][dtype]
+def _config(kind, flavour, blocks):
+    bm, bv, bd, nw, ns = BLOCKS[kind][flavour]
     if blocks is not None:  # tests: smaller tiles, same kernels
         bm, bv, bd = blocks
     assert min(bm, bv, bd) >= 16 and all(x & (x - 1) == 0 for x in (bm, bv, bd))
@@ -335,10 +327,19 @@ def _config(kind, dtype, blocks):
 
 
 def _prep(hidden, weight, bias, rows, targets):
-    assert hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1]
-    assert hidden.dtype == weight.dtype and hidden.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    assert rows.dtype == torch.int64 and targets.dtype == torch.int64 and rows.shape == targets.shape
-    assert bias is None or (bias.shape == (weight.shape[0],) and bias.dtype == weight.dtype)
+    """Checked inputs, with a unit stride along D (copies only where it is missing)."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [N, D] and weight [V, D] must share D, got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if hidden.dtype != weight.dtype or hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"hidden and weight must share one dtype of float32/bfloat16/float16, got {hidden.dtype} "
+                         f"and {weight.dtype}")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype):
+        raise ValueError(f"bias must be a {weight.dtype} [{weight.shape[0]}] tensor, got {bias.dtype} "
+                         f"{tuple(bias.shape)}")
+    if rows.dtype != torch.int64 or targets.dtype != torch.int64 or rows.dim() != 1 or rows.shape != targets.shape:
+        raise ValueError(f"rows and targets must be int64 [M] tensors, got {rows.dtype} {tuple(rows.shape)} and "
+                         f"{targets.dtype} {tuple(targets.shape)}")
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
     if weight.stride(1) != 1:
@@ -357,11 +358,6 @@ def _align(D, elem_size, *mats):
     return a if ok else 1
 
 
-def _scalars(logit_scale, softcap, temperature):
-    assert temperature > 0 and (softcap is None or softcap > 0)
-    return float(logit_scale), (1.0 if softcap is None else float(softcap)), 1.0 / float(temperature)
-
-
 def _splits(n_outer_tiles, n_inner_tiles, target, cap):
     s = max(1, min(triton.cdiv(target, max(n_outer_tiles, 1)), n_inner_tiles, cap))
     per = triton.cdiv(n_inner_tiles, s)  # inner tiles per split
@@ -369,35 +365,44 @@ def _splits(n_outer_tiles, n_inner_tiles, target, cap):
 
 
 def _merge_forward(part):
-    """[S, 4, M] partials -> (target_logit, lse, logit_sum), fixed-shape reductions (deterministic)."""
+    """[S, 4, M] partials -> (row_logp, lse, logit_sum), fixed-shape reductions (deterministic).
+
+    With m the exact row max over all splits: row_logp = (z_t - m) - log sum_s psum_s exp(pmax_s - m)
+    (no cancellation at large logits; z_t comes from the one split holding the target, the others add 0).
+    """
     pmax, psum, ptgt, plsum = part.unbind(1)
     if part.shape[0] == 1:
-        return ptgt[0], pmax[0] + torch.log(psum[0]), plsum[0]
-    mx = pmax.amax(0)
-    lse = mx + torch.log((psum * torch.exp(pmax - mx)).sum(0))
-    return ptgt.sum(0), lse, plsum.sum(0)
+        row_max, log_sum_exp, target_z, logit_sum = pmax[0], torch.log(psum[0]), ptgt[0], plsum[0]
+    else:
+        row_max = pmax.amax(0)
+        log_sum_exp = torch.log((psum * torch.exp(pmax - row_max)).sum(0))
+        target_z, logit_sum = ptgt.sum(0), plsum.sum(0)
+    return (target_z - row_max) - log_sum_exp, row_max + log_sum_exp, logit_sum
 
 
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
 def linear_logps_forward(hidden, weight, bias, rows, targets, *, logit_scale=1.0, softcap=None,
-                         temperature=1.0, blocks=None, target_programs=None):
-    """Per-token target logit, log-sum-exp and logit sum through the LM head, logits never stored.
+                         temperature=1.0, fp32_precision="ieee", blocks=None, target_programs=None):
+    """Per-token log-prob, log-sum-exp and logit sum through the LM head, logits never stored.
 
     hidden [N, D], weight [V, D], bias [V] or None (all fp32, bf16 or fp16, one dtype); rows [M] int64
-    (indices into hidden), targets [M] int64 in [0, V). Returns (target_logit, lse, logit_sum), each
-    [M] fp32; log-prob = target_logit - lse. Saves nothing; extra memory is O(M * splits).
-    ``blocks=(BLOCK_M, BLOCK_V, BLOCK_D)`` / ``target_programs`` override the tiling (tests).
+    (indices into hidden), targets [M] int64 in [0, V). Returns (row_logp, lse, logit_sum), each [M]
+    fp32, for z = softcap(logit_scale * (hidden[rows] @ weight.T + bias)) / temperature; row_logp is
+    computed from the exact row max (no cancellation). fp32_precision: "ieee" (exact fp32 products) or
+    "tf32" (TF32 tensor cores allowed, fp32 inputs on a GPU only). Saves nothing; extra memory
+    O(M * splits). ``blocks=(BLOCK_M, BLOCK_V, BLOCK_D)`` / ``target_programs`` override the tiling (tests).
     """
+    flavour, dot_precision = _flavour(hidden.dtype, fp32_precision)
+    scale, cap, inv_temp = transform_scalars(logit_scale, softcap, temperature)
     hidden, weight, bias, rows, targets = _prep(hidden, weight, bias, rows, targets)
     M, V, D = rows.shape[0], weight.shape[0], weight.shape[1]
     dev = hidden.device
     if M == 0:
         e = torch.empty(0, device=dev, dtype=torch.float32)
         return e, e.clone(), e.clone()
-    bm, bv, bd, nw, ns = _config("fwd", hidden.dtype, blocks)
-    scale, cap, inv_temp = _scalars(logit_scale, softcap, temperature)
+    bm, bv, bd, nw, ns = _config("fwd", flavour, blocks)
     n_mt, n_vt = triton.cdiv(M, bm), triton.cdiv(V, bv)
     # enough programs when M is small; and, when V is large, a few splits anyway so that the running
     # programs form a (group of token tiles) x (splits) block sharing tiles in L2
@@ -409,29 +414,33 @@ def linear_logps_forward(hidden, weight, bias, rows, targets, *, logit_scale=1.0
         M, V, D, hidden.stride(0), weight.stride(0), n_split, per * bv, FWD_GROUP_M,
         scale, cap, inv_temp,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd,
-        ALIGN=_align(D, hidden.element_size(), hidden, weight), DOT_PRECISION=_dot_precision(hidden.dtype),
+        ALIGN=_align(D, hidden.element_size(), hidden, weight), DOT_PRECISION=dot_precision,
         num_warps=nw, num_stages=ns)
     return _merge_forward(part)
 
 
 def linear_logps_backward(hidden, weight, bias, rows, targets, lse, grad_rows, *, logit_scale=1.0,
                           softcap=None, temperature=1.0, needs_hidden_grad=True, needs_weight_grad=True,
-                          needs_bias_grad=True, blocks=None, target_programs=None,
+                          needs_bias_grad=True, fp32_precision="ieee", blocks=None, target_programs=None,
                           workspace_bytes=DEFAULT_WORKSPACE_BYTES):
     """Gradients of sum_m grad_rows[m] * (z[m, targets[m]] - lse[m]) w.r.t. hidden, weight, bias.
 
     Shapes/dtypes as in ``linear_logps_forward``; lse [M] fp32 (from the forward), grad_rows [M] fp32.
     ``rows`` must not repeat (each position listed once). Returns (grad_hidden [N, D] | None,
     grad_weight [V, D] | None, grad_bias [V] | None) in the input dtypes; hidden rows not in ``rows``
-    get 0. Token tiles whose grad_rows are all 0 are skipped. Deterministic (no atomics). fp32 work
-    buffers are bounded by ``workspace_bytes`` (the outer axis is processed in chunks when needed).
+    get 0. Token tiles whose grad_rows are all exactly 0 are skipped; NaN/inf in grad_rows propagate.
+    Deterministic (no atomics). fp32 work buffers are bounded by ``workspace_bytes`` (the outer axis is
+    processed in chunks when needed). fp32_precision as in ``linear_logps_forward``.
     """
+    flavour, dot_precision = _flavour(hidden.dtype, fp32_precision)
+    scale, cap, inv_temp = transform_scalars(logit_scale, softcap, temperature)
     hidden, weight, bias, rows, targets = _prep(hidden, weight, bias, rows, targets)
     M, V, D = rows.shape[0], weight.shape[0], weight.shape[1]
     N = hidden.shape[0]
     dev, dtype = hidden.device, hidden.dtype
-    assert lse.shape == (M,) and grad_rows.shape == (M,)
-    assert lse.dtype == torch.float32 and grad_rows.dtype == torch.float32
+    for name, t in (("lse", lse), ("grad_rows", grad_rows)):
+        if t.shape != (M,) or t.dtype != torch.float32:
+            raise ValueError(f"{name} must be a float32 [{M}] tensor, got {t.dtype} {tuple(t.shape)}")
     lse, grad_rows = lse.contiguous(), grad_rows.contiguous()
     needs_bias_grad = needs_bias_grad and bias is not None
     grad_hidden = grad_weight = grad_bias = None
@@ -440,7 +449,6 @@ def linear_logps_backward(hidden, weight, bias, rows, targets, lse, grad_rows, *
                 torch.zeros_like(weight) if needs_weight_grad else None,
                 torch.zeros_like(bias) if needs_bias_grad else None)
 
-    scale, cap, inv_temp = _scalars(logit_scale, softcap, temperature)
     target = target_programs or _target_programs(hidden)
     ws_elems = max(1, workspace_bytes // 4)
     esz = hidden.element_size()
@@ -449,11 +457,11 @@ def linear_logps_backward(hidden, weight, bias, rows, targets, lse, grad_rows, *
     args = (hidden, weight, bias_arg, rows, targets, lse, grad_rows)
 
     def launch(kind, grid, dst, dbias, dst_strides, outer, inner_per_split, align, **flags):
-        bm, bv, bd, nw, ns = _config(kind, dtype, blocks)
+        bm, bv, bd, nw, ns = _config(kind, flavour, blocks)
         _linear_logps_bwd_kernel[grid](
             *args, dst, dbias, M, V, D, hidden.stride(0), weight.stride(0), *dst_strides, *outer,
             inner_per_split, scale, cap, inv_temp, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-            BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd, ALIGN=align, DOT_PRECISION=_dot_precision(dtype),
+            BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd, ALIGN=align, DOT_PRECISION=dot_precision,
             num_warps=nw, num_stages=ns, **flags)
 
     def chunks(n_tiles, tile, n_split, total):
@@ -464,7 +472,7 @@ def linear_logps_backward(hidden, weight, bias, rows, targets, lse, grad_rows, *
         return size, [(lo, min(total, lo + size)) for lo in range(0, total, size)]
 
     if needs_hidden_grad:
-        bm, bv = _config("bwd_hidden", dtype, blocks)[:2]
+        bm, bv = _config("bwd_hidden", flavour, blocks)[:2]
         n_mt, n_vt = triton.cdiv(M, bm), triton.cdiv(V, bv)
         n_split, per = _splits(n_mt, n_vt, target, min(MAX_BWD_SPLITS, max(1, ws_elems // (bm * D))))
         flags = dict(OUTER_TOKENS=True, COMPUTE_W=True, COMPUTE_B=False)
@@ -485,7 +493,7 @@ def linear_logps_backward(hidden, weight, bias, rows, targets, lse, grad_rows, *
             del ws
 
     if needs_weight_grad or needs_bias_grad:
-        bm, bv = _config("bwd_weight", dtype, blocks)[:2]
+        bm, bv = _config("bwd_weight", flavour, blocks)[:2]
         n_mt, n_vt = triton.cdiv(M, bm), triton.cdiv(V, bv)
         n_split, per = _splits(n_vt, n_mt, target, min(MAX_BWD_SPLITS, max(1, ws_elems // (bv * D))))
         dbias = torch.empty((n_split, V), device=dev, dtype=torch.float32) if needs_bias_grad else dummy
@@ -513,41 +521,42 @@ def linear_logps_backward(hidden, weight, bias, rows, targets, lse, grad_rows, *
 
 
 # --------------------------------------------------------------------------------------------
-# AOT compile specs (scripts/compile_check.py): fp32 and bf16 at the shipped block sizes,
-# heaviest variants (bias + softcap; backward computing weight and bias grads).
+# AOT compile specs (scripts/compile_check.py): every dot flavour (fp32 ieee, fp32 tf32, bf16) at the
+# shipped block sizes, each pass plain (no bias, no softcap) and heaviest (bias + softcap; the weight
+# pass computing weight and bias grads).
 # --------------------------------------------------------------------------------------------
-_PTR_TY = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 _ARG_TY = {
     "rows_ptr": "*i64", "targets_ptr": "*i64", "part_ptr": "*fp32", "lse_ptr": "*fp32",
     "grad_ptr": "*fp32", "dst_ptr": "*fp32", "dbias_ptr": "*fp32",
     "logit_scale": "fp32", "softcap": "fp32", "inv_temp": "fp32",
     "stride_dst_split": "i64",
 }
+_PASSES = {  # name: (kernel, BLOCKS kind, pass flags)
+    "fwd": (_linear_logps_fwd_kernel, "fwd", {}),
+    "bwd_hidden": (_linear_logps_bwd_kernel, "bwd_hidden",
+                   dict(OUTER_TOKENS=True, SCATTER=False, COMPUTE_W=True, COMPUTE_B=False)),
+    "bwd_weight": (_linear_logps_bwd_kernel, "bwd_weight",
+                   dict(OUTER_TOKENS=False, SCATTER=False, COMPUTE_W=True, COMPUTE_B=True)),
+}
 
 
-def _aot_spec(name, fn, dtype, kind, precision, **flags):
-    bm, bv, bd, nw, ns = BLOCKS[kind][dtype]
+def _aot_spec(pass_name, dtype, fp32_precision, heavy):
+    fn, kind, flags = _PASSES[pass_name]
+    flavour, dot_precision = _flavour(dtype, fp32_precision)
+    bm, bv, bd, nw, ns = BLOCKS[kind][flavour]
+    elem = "fp32" if dtype == torch.float32 else "bf16"
     # ALIGN: 16-byte vector access, what the launcher picks for real shapes (D % 8 == 0)
-    constexprs = dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd,
-                      ALIGN=16 // (4 if dtype == torch.float32 else 2), DOT_PRECISION=precision, **flags)
-    signature = {}
-    for a in fn.arg_names:
-        if a in constexprs:
-            signature[a] = "constexpr"
-        elif a in ("hidden_ptr", "weight_ptr", "bias_ptr"):
-            signature[a] = _PTR_TY[dtype]
-        else:
-            signature[a] = _ARG_TY.get(a, "i32")
-    return {"name": name, "fn": fn, "signature": signature, "constexprs": constexprs,
-            "num_warps": nw, "num_stages": ns}
+    constexprs = dict(HAS_BIAS=heavy, HAS_SOFTCAP=heavy, BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd,
+                      ALIGN=16 // (4 if dtype == torch.float32 else 2), DOT_PRECISION=dot_precision, **flags)
+    if not heavy and pass_name == "bwd_weight":
+        constexprs["COMPUTE_B"] = False
+    signature = {a: "constexpr" if a in constexprs else f"*{elem}" if a in ("hidden_ptr", "weight_ptr", "bias_ptr")
+                 else _ARG_TY.get(a, "i32") for a in fn.arg_names}
+    tag = elem if dtype != torch.float32 else f"fp32,{fp32_precision}"
+    return {"name": f"linear_logps_{pass_name}[{tag}{',bias,softcap' if heavy else ''}]", "fn": fn,
+            "signature": signature, "constexprs": constexprs, "num_warps": nw, "num_stages": ns}
 
 
-AOT_SPECS = []
-for _dt, _tag, _prec in ((torch.float32, "fp32", "tf32x3"), (torch.bfloat16, "bf16", "ieee")):
-    AOT_SPECS += [
-        _aot_spec(f"linear_logps_fwd_{_tag}", _linear_logps_fwd_kernel, _dt, "fwd", _prec),
-        _aot_spec(f"linear_logps_bwd_hidden_{_tag}", _linear_logps_bwd_kernel, _dt, "bwd_hidden", _prec,
-                  OUTER_TOKENS=True, SCATTER=False, COMPUTE_W=True, COMPUTE_B=False),
-        _aot_spec(f"linear_logps_bwd_weight_{_tag}", _linear_logps_bwd_kernel, _dt, "bwd_weight", _prec,
-                  OUTER_TOKENS=False, SCATTER=False, COMPUTE_W=True, COMPUTE_B=True),
-    ]
+AOT_SPECS = [_aot_spec(pass_name, dtype, precision, heavy)
+             for dtype, precision in ((torch.float32, "ieee"), (torch.float32, "tf32"), (torch.bfloat16, "ieee"))
+             for pass_name in _PASSES for heavy in (False, True)]

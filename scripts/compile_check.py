@@ -2,10 +2,13 @@
 
     python scripts/compile_check.py [--json PATH]
 
-For each kernel in each module's AOT_SPECS (fp32 and bf16 inputs at the shipped block sizes) it builds
-PTX and cubin with triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32)) and prints registers
-per thread and spill stores/loads (from the log of the ptxas run Triton itself makes, in a fresh cache so
-that ptxas does run) and shared memory. Exits 1 if anything spills or fails to compile.
+For each kernel variant in each module's AOT_SPECS (fp32 and bf16 inputs; with and without logit
+transforms; row forward with and without write_grad; fused head with fp32 "ieee" and "tf32" dots and bf16,
+at the shipped block sizes) it builds PTX and cubin with triton.compile(ASTSource(...),
+target=GPUTarget("cuda", cc, 32)) and prints registers per thread and spill stores/loads (from the log of
+the ptxas run Triton itself makes, in a fresh cache so that ptxas does run), shared memory, and the number
+of 16-byte global loads/stores in the PTX (vectorised access). Exits 1 if anything spills or fails to
+compile.
 """
 import argparse
 import contextlib
@@ -29,6 +32,7 @@ from triton.compiler import ASTSource  # noqa: E402
 # by module path: fastdpo.kernels re-exports launcher functions under some of the same names
 MODULES = [importlib.import_module(f"fastdpo.kernels.{name}") for name in ("sequence_logps", "segment_sum", "linear_logps")]
 ARCHS = (80, 90)
+VECTOR16 = re.compile(r"\b(?:ld|st)\.global(?:\.\w+)*\.v4\.(?:b32|f32|u32|s32)\b")  # 4 x 32 bit = 16 bytes
 
 
 def compile_with_ptxas_log(source, cc, options):
@@ -58,6 +62,7 @@ def compile_all():
                 rows.append({"kernel": spec["name"], "arch": f"sm_{cc}", "num_warps": options["num_warps"],
                              "registers": registers, "spill_stores": stores, "spill_loads": loads,
                              "shared_bytes": compiled.metadata.shared,
+                             "vector16_ldst": len(VECTOR16.findall(compiled.asm["ptx"])),
                              "constexprs": {k: v for k, v in spec["constexprs"].items()}})
     return rows
 
@@ -68,12 +73,12 @@ def main():
     args = parser.parse_args()
     rows = compile_all()
     print(f"triton {triton.__version__}")
-    print("| kernel | arch | warps | regs/thread | spill st/ld (B) | shared (B) | blocks |")
-    print("|---|---|---|---|---|---|---|")
+    print("| kernel | arch | warps | regs/thread | spill st/ld (B) | shared (B) | 16-B ld/st | blocks |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         blocks = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.startswith("BLOCK"))
         print(f"| {r['kernel']} | {r['arch']} | {r['num_warps']} | {r['registers']} | "
-              f"{r['spill_stores']}/{r['spill_loads']} | {r['shared_bytes']} | {blocks} |")
+              f"{r['spill_stores']}/{r['spill_loads']} | {r['shared_bytes']} | {r['vector16_ldst']} | {blocks} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -27,27 +27,40 @@ def device():
     return torch.device(TEST_DEVICE)
 
 
-def interpreter_create_dot_widening_bf16():
-    """Work around a Triton 3.9 interpreter bug: it keeps bf16 as raw uint16 bits and tl.dot multiplies
-    those integers. Returns a replacement for InterpreterBuilder.create_dot that widens bf16 operands to
-    fp32 exactly (bits << 16): products of bf16 values are exact in fp32, as on tensor cores. The kernels
-    themselves are unchanged. (scripts/gpu_check.py --smoke installs it too.)"""
+def interpreter_bf16_fixes():
+    """Work around two Triton 3.9 interpreter bugs with bf16, matching what a GPU does. Returns
+    {InterpreterBuilder attribute: replacement}; the kernels themselves are unchanged.
+    - tl.dot keeps bf16 as raw uint16 bits and multiplies those integers: widen bf16 operands to fp32
+      exactly (bits << 16); products of bf16 values are exact in fp32, as on tensor cores.
+    - fp32 -> bf16 casts truncate: round to nearest even, as the GPU's cvt.rn.bf16.f32 (and torch) do.
+    (scripts/gpu_check.py --smoke installs them too.)"""
     from triton.runtime import interpreter
 
-    create_dot = interpreter.InterpreterBuilder.create_dot
+    builder = interpreter.InterpreterBuilder
+    create_dot, cast_impl = builder.create_dot, builder.cast_impl
 
     def widen(x):
         if x.dtype.scalar == tl.bfloat16:
             return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
         return x
 
-    return lambda self, a, b, d, *args: create_dot(self, widen(a), widen(b), d, *args)
+    def cast_rounding_to_nearest_even(self, src, dst_type):
+        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
+            return cast_impl(self, src, dst_type)
+        bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        rounded[np.isnan(src.data)] = 0x7FC0
+        return interpreter.TensorHandle(rounded, tl.bfloat16)
+
+    return {"create_dot": lambda self, a, b, d, *args: create_dot(self, widen(a), widen(b), d, *args),
+            "cast_impl": cast_rounding_to_nearest_even}
 
 
 @pytest.fixture(autouse=True)
-def _interpreter_bf16_dot(monkeypatch):
+def _interpreter_bf16(monkeypatch):
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
     from triton.runtime import interpreter
 
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", interpreter_create_dot_widening_bf16())
+    for name, replacement in interpreter_bf16_fixes().items():
+        monkeypatch.setattr(interpreter.InterpreterBuilder, name, replacement)

@@ -4,6 +4,8 @@ Small shapes with D and V that are not multiples of the tiles; the launchers' ``
 shrinks the tiles (same kernels) so the interpreter stays fast and many vocab splits / token tiles occur.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ BLOCKS = (16, 32, 16)  # (BLOCK_M, BLOCK_V, BLOCK_D); the interpreter needs dot 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
 CONFIGS = {
     "plain": dict(bias=False, logit_scale=1.0, softcap=None, temperature=1.0),
+    "scale-temperature": dict(bias=True, logit_scale=1.4, softcap=None, temperature=0.6),
     "full": dict(bias=True, logit_scale=0.7, softcap=3.0, temperature=0.8),
 }
 
@@ -32,7 +35,7 @@ def make_inputs(dtype, N=37, D=48, V=203, M=19, bias=True, seed=0):
 
 
 def reference(hidden, weight, bias, rows, targets, grad_rows, logit_scale, softcap, temperature):
-    """float64 forward values and autograd gradients (of sum_m g[m] * (z[m, t_m] - lse[m]))."""
+    """float64 (row_logp, lse, logit_sum) and autograd gradients of sum_m g[m] * row_logp[m]."""
     h = hidden.double().requires_grad_()
     w = weight.double().requires_grad_()
     b = bias.double().requires_grad_() if bias is not None else None
@@ -46,7 +49,7 @@ def reference(hidden, weight, bias, rows, targets, grad_rows, logit_scale, softc
     lse = torch.logsumexp(z, dim=-1)
     tgt = z.gather(1, targets[:, None])[:, 0]
     (grad_rows.double() * (tgt - lse)).sum().backward()
-    return (tgt.detach(), lse.detach(), z.sum(-1).detach(),
+    return ((tgt - lse).detach(), lse.detach(), z.sum(-1).detach(),
             h.grad, w.grad, None if b is None else b.grad)
 
 
@@ -58,16 +61,16 @@ def check(actual, expected, dtype, what):
 
 
 @pytest.mark.parametrize("dtype,D", [(torch.float32, 48), (torch.bfloat16, 80)])
-@pytest.mark.parametrize("cfg", ["plain", "full"])
+@pytest.mark.parametrize("cfg", CONFIGS)
 def test_forward_matches_float64_reference(dtype, D, cfg):
     c = CONFIGS[cfg]
     hidden, weight, bias, rows, targets, grad_rows = make_inputs(dtype, D=D, bias=c["bias"])
     kw = dict(logit_scale=c["logit_scale"], softcap=c["softcap"], temperature=c["temperature"])
-    tgt, lse, lsum = linear_logps_forward(hidden, weight, bias, rows, targets, blocks=BLOCKS, **kw)
-    r_tgt, r_lse, r_lsum, *_ = reference(hidden, weight, bias, rows, targets, grad_rows, **kw)
+    logp, lse, lsum = linear_logps_forward(hidden, weight, bias, rows, targets, blocks=BLOCKS, **kw)
+    r_logp, r_lse, r_lsum, *_ = reference(hidden, weight, bias, rows, targets, grad_rows, **kw)
     # fp32 outputs whatever the input dtype; bf16 inputs are exact in float64, so the
     # reference error is only the kernel's fp32 arithmetic -> fp32 tolerance for both
-    for a, e, name in ((tgt, r_tgt, "target_logit"), (lse, r_lse, "lse"), (lsum, r_lsum, "logit_sum")):
+    for a, e, name in ((logp, r_logp, "row_logp"), (lse, r_lse, "lse"), (lsum, r_lsum, "logit_sum")):
         check(a, e, torch.float32, name)
 
 
@@ -80,12 +83,12 @@ def test_forward_grouped_launch_order(monkeypatch, programs):
     kw = dict(logit_scale=1.0, softcap=None, temperature=1.0)
     out = linear_logps_forward(hidden, weight, bias, rows, targets, blocks=BLOCKS, target_programs=programs, **kw)
     ref = reference(hidden, weight, bias, rows, targets, grad_rows, **kw)
-    for a, e, name in zip(out, ref, ("target_logit", "lse", "logit_sum")):
+    for a, e, name in zip(out, ref, ("row_logp", "lse", "logit_sum")):
         check(a, e, torch.float32, name)
 
 
 @pytest.mark.parametrize("dtype,D", [(torch.float32, 48), (torch.bfloat16, 80)])
-@pytest.mark.parametrize("cfg", ["plain", "full"])
+@pytest.mark.parametrize("cfg", CONFIGS)
 @pytest.mark.parametrize("programs", [None, 1], ids=["splits", "one_split"])
 def test_backward_matches_float64_reference(dtype, D, cfg, programs):
     c = CONFIGS[cfg]
@@ -116,10 +119,10 @@ def test_shipped_block_sizes(dtype):
     # the production tiles (BLOCKS) in the interpreter: one or two programs per pass on a tiny problem
     hidden, weight, bias, rows, targets, grad_rows = make_inputs(dtype, N=30, D=40, V=150, M=21)
     kw = dict(logit_scale=0.8, softcap=5.0, temperature=1.2)
-    tgt, lse, lsum = linear_logps_forward(hidden, weight, bias, rows, targets, **kw)
+    logp, lse, lsum = linear_logps_forward(hidden, weight, bias, rows, targets, **kw)
     gh, gw, gb = linear_logps_backward(hidden, weight, bias, rows, targets, lse, grad_rows, **kw)
     ref = reference(hidden, weight, bias, rows, targets, grad_rows, **kw)
-    for a, e, name in zip((tgt, lse, lsum), ref[:3], ("target_logit", "lse", "logit_sum")):
+    for a, e, name in zip((logp, lse, lsum), ref[:3], ("row_logp", "lse", "logit_sum")):
         check(a, e, torch.float32, name)
     for a, e, name in zip((gh, gw, gb), ref[3:], ("grad_hidden", "grad_weight", "grad_bias")):
         check(a, e, dtype, name)
@@ -180,3 +183,98 @@ def test_unaligned_views_and_empty():
     gh, gw, gb = linear_logps_backward(hidden, weight, bias, e, e, torch.empty(0), torch.empty(0),
                                        blocks=BLOCKS)
     assert not gh.any() and not gw.any() and not gb.any()
+
+
+def test_masked_tail_rows_with_large_logits_contribute_zero():
+    # M = 5 in a 16-row tile: 11 padding rows whose logits are bias / temperature = 100 (exp overflows
+    # fp32 unless they are masked out exactly)
+    hidden, weight, _, rows, targets, grad_rows = make_inputs(torch.float32, N=9, D=16, V=64, M=5)
+    bias = torch.ones(64)
+    grad_rows = torch.randn(5, generator=torch.Generator().manual_seed(3))
+    kw = dict(logit_scale=1.0, softcap=None, temperature=0.01)
+    _, lse, _ = linear_logps_forward(hidden, weight, bias, rows, targets, blocks=BLOCKS, **kw)
+    grads = linear_logps_backward(hidden, weight, bias, rows, targets, lse, grad_rows, blocks=BLOCKS, **kw)
+    *_, r_gh, r_gw, r_gb = reference(hidden, weight, bias, rows, targets, grad_rows, **kw)
+    for name, a, e in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, (r_gh, r_gw, r_gb)):
+        assert torch.isfinite(a).all(), name
+        check(a, e, torch.float32, name)
+
+
+@pytest.mark.parametrize("programs", [None, 1], ids=["splits", "one_split"])
+def test_nan_upstream_gradient_propagates(programs):
+    # one NaN in an otherwise all-zero token tile: the tile must not be skipped as "all zero"
+    hidden, weight, bias, rows, targets, _ = make_inputs(torch.float32, M=20)
+    grad_rows = torch.zeros(20)
+    grad_rows[3] = float("nan")
+    _, lse, _ = linear_logps_forward(hidden, weight, bias, rows, targets, blocks=BLOCKS)
+    gh, gw, gb = linear_logps_backward(hidden, weight, bias, rows, targets, lse, grad_rows, blocks=BLOCKS,
+                                       target_programs=programs)
+    assert torch.isnan(gh[rows[3]]).all() and torch.isnan(gw).all() and torch.isnan(gb).all()
+    others = torch.ones(hidden.shape[0], dtype=torch.bool)
+    others[rows[3]] = False
+    assert not gh[others].any()  # other rows: g == 0 -> exactly 0
+
+
+def test_fp32_precision_is_explicit():
+    # on CPU both are exact fp32 products (TF32 is a permission, not a request); anything else is refused
+    hidden, weight, bias, rows, targets, grad_rows = make_inputs(torch.float32)
+    kw = dict(logit_scale=0.9, softcap=None, temperature=1.0, blocks=BLOCKS)
+    ieee = linear_logps_forward(hidden, weight, bias, rows, targets, fp32_precision="ieee", **kw)
+    tf32 = linear_logps_forward(hidden, weight, bias, rows, targets, fp32_precision="tf32", **kw)
+    assert all(torch.equal(a, b) for a, b in zip(ieee, tf32))
+    ref = reference(hidden, weight, bias, rows, targets, grad_rows, 0.9, None, 1.0)
+    check(ieee[0], ref[0], torch.float32, "row_logp")
+    for bad in ("tf32x3", "highest", None):
+        with pytest.raises(ValueError, match="fp32_precision must be one of"):
+            linear_logps_forward(hidden, weight, bias, rows, targets, fp32_precision=bad, **kw)
+        with pytest.raises(ValueError, match="fp32_precision must be one of"):
+            linear_logps_backward(hidden, weight, bias, rows, targets, ieee[1], grad_rows, fp32_precision=bad,
+                                  **kw)
+    with pytest.raises(ValueError, match="fp32_precision must be one of"):  # refused for 16-bit inputs too
+        linear_logps_forward(hidden.bfloat16(), weight.bfloat16(), None, rows, targets, fp32_precision="fast")
+
+
+@pytest.mark.parametrize("programs", [None, 1], ids=["splits", "one_split"])
+def test_row_logp_is_exact_at_huge_equal_logits(programs):
+    # every vocabulary row of the weight identical and a bias of 1e4: all logits equal and large, so
+    # row_logp = -log V exactly (target - lse would lose ~1e-3 absolute at 1e4)
+    V = 150
+    hidden, _, _, rows, targets, _ = make_inputs(torch.float32, V=V)
+    weight = torch.randn(1, 48).expand(V, 48).contiguous()
+    bias = torch.full((V,), 1e4)
+    logp, lse, _ = linear_logps_forward(hidden, weight, bias, rows, targets, blocks=BLOCKS,
+                                        target_programs=programs)
+    assert torch.allclose(logp.double(), torch.full_like(logp, -math.log(V), dtype=torch.float64), rtol=1e-6, atol=0)
+    assert torch.allclose(lse, hidden[rows] @ weight[0] + 1e4 + math.log(V), rtol=1e-6, atol=0)
+
+
+def test_row_offsets_past_2_31_elements():
+    # hidden rows 2**30 + 16 elements apart: hidden row 2 starts past 2**31 elements (lazily allocated,
+    # only the three rows are touched); a weight with the same row stride
+    D, V, stride = 16, 3, 2 ** 30 + 16
+    g = torch.Generator().manual_seed(9)
+    hidden = torch.empty(2 * stride + D).as_strided((3, D), (stride, 1))
+    weight = torch.empty(2 * stride + D).as_strided((V, D), (stride, 1))
+    hidden.copy_(torch.randn(3, D, generator=g))
+    weight.copy_(torch.randn(V, D, generator=g))
+    rows, targets, grad_rows = torch.tensor([2, 0, 1]), torch.tensor([1, 2, 0]), torch.tensor([1.0, -2.0, 0.5])
+    kw = dict(logit_scale=1.0, softcap=None, temperature=1.0)
+    out = linear_logps_forward(hidden, weight, None, rows, targets, blocks=BLOCKS, **kw)
+    gh, gw, _ = linear_logps_backward(hidden, weight, None, rows, targets, out[1], grad_rows, blocks=BLOCKS, **kw)
+    ref = reference(hidden, weight, None, rows, targets, grad_rows, **kw)
+    for a, e, name in zip((*out, gh, gw), (*ref[:3], *ref[3:5]), ("row_logp", "lse", "logit_sum", "gh", "gw")):
+        check(a, e, torch.float32, name)
+
+
+def test_invalid_options_are_refused():
+    hidden, weight, bias, rows, targets, grad_rows = make_inputs(torch.float32, M=4)
+    for kw, message in ((dict(temperature=0.0), "temperature must be > 0"), (dict(softcap=-1.0), "softcap must be"),
+                        (dict(logit_scale=float("inf")), "logit_scale must be a finite number")):
+        with pytest.raises(ValueError, match=message):
+            linear_logps_forward(hidden, weight, bias, rows, targets, **kw)
+        with pytest.raises(ValueError, match=message):
+            linear_logps_backward(hidden, weight, bias, rows, targets, torch.zeros(4), grad_rows, **kw)
+    with pytest.raises(ValueError, match="bias must be a torch.float32 \\[203\\]"):
+        linear_logps_forward(hidden, weight, bias[:5], rows, targets)
+    with pytest.raises(ValueError, match="grad_rows must be a float32"):
+        linear_logps_backward(hidden, weight, bias, rows, targets, torch.zeros(4), grad_rows.double())

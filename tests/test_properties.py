@@ -1,7 +1,7 @@
 """Property test: random shapes, ignore patterns, packed seq_ids, transforms and logit offsets up to 1e4,
 both input forms of `fastdpo.sequence_logps` against float64.
 
-Bound (documented in README "Numerics"): |logps - float64| <= 1e-5 |float64| + n_tokens * 2^-24 * (4 + 8 A),
+Bound (documented in README "Head modes"): |logps - float64| <= 1e-5 |float64| + n_tokens * 2^-24 * (4 + 8 A),
 with A = logit_scale / temperature * max |raw logit| when a transform or the fused form rounds large logits
 to fp32 (any fp32 head does), A = 0 for untransformed logits (the log-softmax itself is cancellation-free);
 the 4 * 2^-24 per token is the fp32 rounding of log(sum exp), visible when a log-prob is near 0.
