@@ -21,8 +21,6 @@ import json
 import math
 from dataclasses import dataclass, field
 
-import torch
-
 from fastdpo.kernels import linear_logps
 
 # H100 SXM5: HBM3 3.35 TB/s, dense bf16 tensor-core 989 TFLOP/s (no sparsity)
@@ -42,7 +40,7 @@ DEFAULT_STEP = dict(pairs=8, seq_len=1024, completion_fraction=0.5)
 
 # tile shapes that the projections assume (bf16)
 # (BLOCK_M, BLOCK_V) per pass of the fused kernels, the bf16 tiles that ship in kernels/linear_logps.py
-FASTDPO_BLOCKS = {name: per_dtype[torch.bfloat16][:2] for name, per_dtype in linear_logps.BLOCKS.items()}
+FASTDPO_BLOCKS = {name: per_flavour["16-bit"][:2] for name, per_flavour in linear_logps.BLOCKS.items()}
 CCE_BLOCKS = (128, 128)
 TRL_TOKEN_CHUNK, TRL_VOCAB_CHUNK = 4096, 32768  # trl.kernels.chunked_logprob / add_fused_lm_head
 TORCH_LCE_CHUNK = 1024  # rows per chunk assumed for torch's chunked linear_cross_entropy on GPU
