@@ -6,13 +6,16 @@ before the LM head, the two head weights, Hugging Face style unshifted labels wi
 prompt) and returns a zero-argument `step()` that runs one full step (backward included) and returns
 the detached loss.
 
-Implementations register themselves with `@register(...)`: fastdpo and the plain baseline here, the
-peers (TRL, Liger-Kernel, torch's linear_cross_entropy, Cut Cross-Entropy) in benchmarks/peers.py,
-whose `all_impls()` returns the complete registry.
+Implementations register themselves with `@register(...)`: fastdpo (`fastdpo`: the default call, head_mode
+"auto"; `fastdpo_stored` / `_recompute` / `_fused`: `fastdpo.loss(head_mode=...)`, skipped while fastdpo.loss
+has no head_mode; `fastdpo_logits`: on materialised logits) and the plain baseline here, the peers (TRL,
+Liger-Kernel, torch's linear_cross_entropy, Cut Cross-Entropy) in benchmarks/peers.py, whose `all_impls()`
+returns the complete registry.
 """
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import fastdpo
+from fastdpo import torch_ops
 
 BETA = 0.1
 IGNORE_INDEX = -100
@@ -59,19 +63,23 @@ class HeadConfig:
         return {**asdict(self), "tokens": self.tokens, "completion_tokens": self.completion_tokens}
 
 
-# A/B/C are the configurations of shared/peers-cpu.md; D (--full) extends the memory-vs-tokens chart.
+# The default run (`python benchmarks/run.py`, minutes on 2 cores): one DPO head step at two vocabulary sizes,
+# 1 pair x 256 tokens (128 prompt). A/B/C are the configurations of shared/peers-cpu.md; D extends the
+# memory-vs-tokens chart (--full runs A-D).
 HEAD_CONFIGS = {
+    "h32k": HeadConfig("h32k", pairs=1, seq_len=256, prompt_len=128, vocab=32000),
+    "h128k": HeadConfig("h128k", pairs=1, seq_len=256, prompt_len=128, vocab=128256),
     "A": HeadConfig("A", pairs=2, seq_len=256, prompt_len=128, vocab=32000),
     "B": HeadConfig("B", pairs=2, seq_len=256, prompt_len=128, vocab=128256),
     "C": HeadConfig("C", pairs=1, seq_len=1024, prompt_len=512, vocab=128256),
     "D": HeadConfig("D", pairs=1, seq_len=2048, prompt_len=1024, vocab=128256),
 }
-DEFAULT_CONFIGS = ("A", "B", "C")
+DEFAULT_CONFIGS = ("h32k", "h128k")
 FULL_CONFIGS = ("A", "B", "C", "D")
 # --device cuda adds the Llama-3-8B head (the shapes of the roofline projection)
 GPU_CONFIGS = {"G": HeadConfig("G", pairs=4, seq_len=1024, prompt_len=512, vocab=128256, hidden=4096)}
 # memory sweep (issue: memory must grow with tokens, not tokens x vocabulary): 1-8 pairs of 2 x 512 tokens
-# (256 prompt), V = 32000 and 128256: `run.py --configs m32k-1024,...,m128k-4096 --impls fastdpo_fused,full_logits`
+# (256 prompt), V = 32000 and 128256: `run.py --configs m32k-1024,...,m128k-4096 --impls fastdpo,full_logits`
 SWEEP_CONFIGS = {f"m{vocab // 1000}k-{1024 * pairs}": HeadConfig(f"m{vocab // 1000}k-{1024 * pairs}", pairs=pairs,
                                                                    seq_len=512, prompt_len=256, vocab=vocab)
                  for vocab in (32000, 128256) for pairs in (1, 2, 4, 8)}
@@ -211,11 +219,35 @@ def register(name, label, *, group, scores, roofline, package=None, unavailable=
 
 # --------------------------------------------------------------------------------------------------------
 # fastdpo and the plain baseline
-@register("fastdpo_fused", "fastdpo fused (hidden, weight)", group="fastdpo", scores="completion",
-          roofline="fastdpo_fused")
-def build_fastdpo_fused(inp: HeadInputs):
-    return train_step(inp, lambda: fastdpo.loss(hidden=inp.hidden, weight=inp.weight, ref_hidden=inp.ref_hidden,
-                                                ref_weight=inp.ref_weight, labels=inp.labels, beta=BETA).loss)
+HEAD_MODES = ("stored", "recompute", "fused")  # fastdpo.loss(head_mode=...); "auto" is the default call
+
+
+def _fused_loss(inp: HeadInputs, **options):
+    return fastdpo.loss(hidden=inp.hidden, weight=inp.weight, ref_hidden=inp.ref_hidden, ref_weight=inp.ref_weight,
+                        labels=inp.labels, beta=BETA, **options).loss
+
+
+def _head_mode_missing(device):
+    if "head_mode" not in inspect.signature(fastdpo.loss).parameters:
+        return "this fastdpo.loss has no head_mode (the GEMM-core head is not in this checkout)"
+    return None
+
+
+@register("fastdpo", "fastdpo (hidden, weight; head_mode='auto', the default)", group="fastdpo",
+          scores="completion", roofline="fastdpo_stored")
+def build_fastdpo(inp: HeadInputs):
+    return train_step(inp, lambda: _fused_loss(inp))
+
+
+def _register_head_mode(mode):
+    @register(f"fastdpo_{mode}", f"fastdpo, head_mode='{mode}'", group="fastdpo", scores="completion",
+              roofline=f"fastdpo_{mode}", unavailable=_head_mode_missing)
+    def build(inp: HeadInputs):
+        return train_step(inp, lambda: _fused_loss(inp, head_mode=mode))
+
+
+for _mode in HEAD_MODES:
+    _register_head_mode(_mode)
 
 
 @register("fastdpo_logits", "fastdpo on materialised logits", group="fastdpo", scores="completion",
@@ -238,15 +270,24 @@ def build_full_logits(inp: HeadInputs):
                                        lambda: logits_logps(rh @ inp.ref_weight.T, tgt)))
 
 
-def reference_loss(inp: HeadInputs) -> float:
-    """float64 value of the loss on the same inputs (accuracy column; not timed)."""
+def reference_losses(inp: HeadInputs) -> dict:
+    """float64 loss on the same inputs (accuracy column; not timed), and the same float64 per-token log-probs
+    summed per sequence in fp32, by fastdpo's segment_sum and by torch.sum: how much of an implementation's
+    loss error comes from the order of its fp32 per-sequence sum alone."""
     h, rh, tgt = shifted(inp)
     mask = tgt != IGNORE_INDEX
 
-    def sums(hidden, weight):  # one sequence at a time: bounded memory at large V
+    def per_token(hidden, weight):  # [S, T-1] float64, one sequence at a time: bounded memory at large V
         w = weight.double()
-        return torch.stack([(token_logps(h_row.double() @ w.T, t_row) * m_row).sum()
+        return torch.stack([token_logps(h_row.double() @ w.T, t_row) * m_row
                             for h_row, t_row, m_row in zip(hidden, tgt, mask)])
 
+    def segment_sum_fp32(tok):  # fastdpo's per-sequence sum (ops -> segment_sum) of fp32 per-token values
+        seq_index = torch.where(mask, torch.arange(tok.shape[0]).unsqueeze(1), -1).reshape(-1)
+        return torch_ops.segment_sum(tok.float().reshape(1, -1), seq_index, tok.shape[0])[0]
+
     with torch.no_grad():
-        return float(dpo_sigmoid(sums(h, inp.weight), sums(rh, inp.ref_weight)))
+        policy, ref = per_token(h, inp.weight), per_token(rh, inp.ref_weight)
+        return {"loss": float(dpo_sigmoid(policy.sum(-1), ref.sum(-1))),
+                "loss_segment_sum_fp32": float(dpo_sigmoid(segment_sum_fp32(policy), segment_sum_fp32(ref))),
+                "loss_torch_sum_fp32": float(dpo_sigmoid(policy.float().sum(-1), ref.float().sum(-1)))}

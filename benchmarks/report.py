@@ -49,10 +49,18 @@ def rel_err(cell, ref):
     return _rel_diff(cell["loss"], ref["loss"])
 
 
+def _spread(cell):
+    """'(min-max)' of a cell's per-round medians, when it has more than one round."""
+    if cell.get("rounds", 1) < 2:
+        return ""
+    return f" ({_fmt(cell['ms_min'])}–{_fmt(cell['ms_max'])})"
+
+
 def head_table(heads) -> str:
     configs = list(heads["configs"])
     cells = head_cells(heads)
-    header = ["implementation", "LM head scores"] + [f"{c}: ms / MB" for c in configs] + ["loss err vs fp64"]
+    header = (["implementation", "LM head scores"] + [f"{c}: ms (min–max) / MB" for c in configs]
+              + ["loss err vs fp64"])
     rows = []
     for name, meta in heads["impls"].items():
         row = [meta["label"], meta["scores"]]
@@ -60,7 +68,7 @@ def head_table(heads) -> str:
         for c in configs:
             cell = cells.get(name, {}).get(c)
             if _ok(cell):
-                row.append(f"{_fmt(cell['ms'])} / {_fmt(cell['peak_mb'])}")
+                row.append(f"{_fmt(cell['ms'])}{_spread(cell)} / {_fmt(cell['peak_mb'])}")
                 e = rel_err(cell, heads.get("reference", {}).get(c))
                 if e is not None:
                     errs.append(e)
@@ -85,6 +93,14 @@ def best_peer(cells, config, key):
     return best
 
 
+def within_noise(cell, peer) -> bool:
+    """True when the larger round-to-round spread (max - min) of the two cells exceeds the gap between their
+    medians: the ordering of the two is not a result of this run."""
+    spread = max(cell.get("ms_max", cell["ms"]) - cell.get("ms_min", cell["ms"]),
+                 peer.get("ms_max", peer["ms"]) - peer.get("ms_min", peer["ms"]))
+    return spread > abs(cell["ms"] - peer["ms"])
+
+
 def ratio_rows(heads) -> list[dict]:
     """fastdpo implementations against the baseline and the best peer of the same run, per config."""
     cells = {n: {**c, "_group": heads["impls"][n]["group"]} for n, c in head_cells(heads).items()
@@ -105,6 +121,7 @@ def ratio_rows(heads) -> list[dict]:
             fast, lean = best_peer(cells, c, "ms"), best_peer(cells, c, "peak_mb")
             if fast:
                 row["fastest_peer"], row["time_vs_fastest_peer"] = fast[0], cell["ms"] / fast[1]
+                row["within_noise"] = within_noise(cell, cells[fast[0]][c])
             if lean:
                 row["leanest_peer"], row["mem_vs_leanest_peer"] = lean[0], cell["peak_mb"] / max(lean[1], 1e-9)
             out.append(row)
@@ -116,10 +133,30 @@ def ratio_table(heads) -> str:
     x = lambda v: "—" if v is None else f"{v:.2f}x"  # noqa: E731
     for r in ratio_rows(heads):
         rows.append([r["impl"], r["config"], x(r.get("time_vs_baseline")), x(r.get("mem_vs_baseline")),
-                     f"{x(r.get('time_vs_fastest_peer'))} ({r.get('fastest_peer', '—')})",
+                     f"{x(r.get('time_vs_fastest_peer'))} ({r.get('fastest_peer', '—')})"
+                     + (", within noise" if r.get("within_noise") else ""),
                      f"{x(r.get('mem_vs_leanest_peer'))} ({r.get('leanest_peer', '—')})"])
     return md_table(["fastdpo", "config", "time / baseline", "memory / baseline", "time / fastest peer",
                      "memory / leanest peer"], rows)
+
+
+def loss_error_table(heads) -> str:
+    """Per config: the loss error of fastdpo and the baseline against float64, and what summing the float64
+    per-token log-probs per sequence in fp32 costs alone, in fastdpo's order (segment_sum) and torch.sum's."""
+    refs, cells = heads.get("reference", {}), head_cells(heads)
+    e = lambda v: "—" if v is None else f"{v:.1e}"  # noqa: E731
+    rows = []
+    for c, ref in refs.items():
+        if "loss_segment_sum_fp32" not in ref:
+            continue
+        rows.append([c, f"{ref['loss']:.6g}", e(rel_err(cells.get("fastdpo", {}).get(c), ref)),
+                     e(rel_err(cells.get(BASELINE, {}).get(c), ref)),
+                     e(_rel_diff(ref["loss_segment_sum_fp32"], ref["loss"])),
+                     e(_rel_diff(ref["loss_torch_sum_fp32"], ref["loss"]))])
+    if not rows:
+        return ""
+    return md_table(["config", "float64 loss", "fastdpo", "baseline", "fp64 log-probs, fp32 sum by segment_sum",
+                     "fp64 log-probs, fp32 torch.sum"], rows)
 
 
 def notes(heads) -> list[str]:
@@ -195,6 +232,20 @@ def roofline_tables(proj) -> str:
     return "\n\n".join([head, algo, "Per fastdpo kernel, per token it processes (same step):", kern])
 
 
+def anchor_table(anchor) -> str:
+    a, gpu = anchor["anchor"], anchor["gpu"]
+    rows = [[r["algorithm"], f"{r['vd_per_token']:.0f}", f"{r['gb']:.1f}", f"{r['compute_ms']:.1f}",
+             f"{r['memory_ms']:.1f}", f"{r['floor_ms']:.1f}", f"{r['at_anchor_efficiency_ms']:.1f}"]
+            for r in anchor["modes"]]
+    head = (f"Policy LM head forward + backward (no reference), {a['tokens']} tokens, D = {a['hidden']}, "
+            f"V = {a['vocab']}, bf16, {gpu['name']} ({gpu['bw'] / 1e12:.1f} TB/s, {gpu['flops'] / 1e12:.0f} TFLOP/s "
+            f"dense bf16). Anchor, published (Liger-Kernel PR #1356, shared/peers-cpu.md): QuACK {a['quack_ms']} ms "
+            f"= {100 * anchor['quack_efficiency']:.0f}% of peak on its 6VD; the three cuBLAS GEMMs alone "
+            f"~{a['cublas_3_gemms_ms']} ms. The last column assumes each mode's FLOPs run at QuACK's efficiency.")
+    return head + "\n\n" + md_table(["fastdpo head mode", "FLOPs per token (x V·D)", "GB (compulsory)",
+                                      "compute ms", "memory ms", "floor ms", "ms at the anchor's efficiency"], rows)
+
+
 def measured_roofline_table(measured) -> str:
     rows = []
     for impl, per_cfg in measured.items():
@@ -209,7 +260,8 @@ def measured_roofline_table(measured) -> str:
 # whole report
 def env_lines(env) -> list[str]:
     keys = ["date", "machine", "cpu", "cores", "gpu", "python", "torch", "threads", "transformers", "triton",
-            "fastdpo", "trl", "liger-kernel", "cut-cross-entropy", "matplotlib", "load_before", "load_after"]
+            "fastdpo", "commit", "trl", "liger-kernel", "cut-cross-entropy", "matplotlib", "load_before",
+            "load_after", "wall_s"]
     return [f"- {k}: {env[k]}" for k in keys if env.get(k) not in (None, "")]
 
 
@@ -221,10 +273,13 @@ def markdown(results) -> str:
     heads = results.get("heads")
     if heads and heads.get("cells"):
         cfgs = "; ".join(f"{n} = {c['description']}" for n, c in heads["configs"].items())
+        rounds = heads.get("rounds", 1)
         parts += [f"## DPO loss head ({heads['dtype']}, {env.get('device')})", "",
                   "One step = policy LM head forward + backward + reference head forward (no_grad), sigmoid loss, "
-                  "beta 0.1. Each cell: median ms / peak extra memory MB, every implementation x config in its own "
-                  f"fresh process. Configs: {cfgs}.", "",
+                  f"beta 0.1. Each cell: median ms over {rounds} interleaved round{'s' if rounds > 1 else ''} "
+                  "(min–max of the per-round medians) / median peak extra memory MB; in each round every "
+                  "implementation x config ran once in its own fresh process, in an order rotated every round. "
+                  f"Configs: {cfgs}.", "",
                   f"Memory: {heads.get('memory_method', '')}, peak over warm-up and timed steps (after a tiny-shape "
                   "priming step, so lazy imports are not counted).", "",
                   head_table(heads), "",
@@ -234,7 +289,18 @@ def markdown(results) -> str:
                   "float64 over the configs.", ""]
         rt = ratio_rows(heads)
         if rt:
-            parts += ["Ratios (same run; < 1 is better for fastdpo):", "", ratio_table(heads), ""]
+            parts += ["Ratios (same run; < 1 is better for fastdpo; 'within noise': the round-to-round spread of "
+                      "fastdpo or the fastest peer exceeds the gap between them, so the ordering is not a result):",
+                      "", ratio_table(heads), ""]
+        lt = loss_error_table(heads)
+        if lt:
+            parts += ["Loss error against float64 (relative), and its cause: the same float64 per-token log-probs, "
+                      "rounded to fp32 and summed per sequence in fp32, already lose about as much. fastdpo's "
+                      "segment_sum (index_add_) adds a sequence's tokens one after the other, so each rounding error "
+                      "scales with the running sum (thousands of nats at these lengths); torch.sum, the baseline's "
+                      "masked sum, adds pairwise. The DPO margin, a difference of differences of such sums, "
+                      "amplifies the error of each sum.", "",
+                      lt, ""]
         n = notes(heads)
         if n:
             parts += ["Not measured:", "", *n, ""]
@@ -251,6 +317,9 @@ def markdown(results) -> str:
                       + "; ".join(f"`{k}` = {v}" for k, v in LAYOUT_LABELS.items()) + ". tokens/s counts the data "
                       "(prompt twice + chosen + rejected per pair); packing is data preparation, not timed.", "",
                       e2e_shapes(e2e), "", e2e_table(e2e), ""]
+    if results.get("roofline_anchor"):
+        parts += ["## fastdpo head modes at the published H200 anchor (projection, not measured)", "",
+                  anchor_table(results["roofline_anchor"]), ""]
     if results.get("roofline"):
         parts += ["## Roofline projection (H100, not measured)", "", roofline_tables(results["roofline"]), "",
                   "Compulsory bytes: each pass reads its operands once and writes its outputs once; tile-level: "

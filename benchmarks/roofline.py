@@ -21,6 +21,8 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from fastdpo.kernels import linear_logps
+
 # H100 SXM5: HBM3 3.35 TB/s, dense bf16 tensor-core 989 TFLOP/s (no sparsity)
 H100 = {"name": "H100 SXM", "bw": 3.35e12, "flops": 989e12}
 # peak figures to put a measured CUDA run against its roofline: (words that must all appear in
@@ -37,7 +39,8 @@ LLAMA3_8B = dict(vocab=128256, hidden=4096)
 DEFAULT_STEP = dict(pairs=8, seq_len=1024, completion_fraction=0.5)
 
 # tile shapes that the projections assume (bf16)
-FASTDPO_BLOCKS = {"fwd": (128, 128), "bwd": (128, 128)}  # (BLOCK_M, BLOCK_V), kernels/linear_logps.py BLOCKS
+# (BLOCK_M, BLOCK_V) per pass of the fused kernels, the bf16 tiles that ship in kernels/linear_logps.py
+FASTDPO_BLOCKS = {name: per_flavour["16-bit"][:2] for name, per_flavour in linear_logps.BLOCKS.items()}
 CCE_BLOCKS = (128, 128)
 TRL_TOKEN_CHUNK, TRL_VOCAB_CHUNK = 4096, 32768  # trl.kernels.chunked_logprob / add_fused_lm_head
 TORCH_LCE_CHUNK = 1024  # rows per chunk assumed for torch's chunked linear_cross_entropy on GPU
@@ -132,12 +135,12 @@ def fastdpo_fused_passes(s: Shape, n=None, blocks=FASTDPO_BLOCKS) -> list[Pass]:
     fp32 accumulators owned per program and read-modify-written per inner tile."""
     n = s.n_completion if n is None else n
     V, D, b = s.vocab, s.hidden, s.elem
-    (fm, fv), (bm, bv) = blocks["fwd"], blocks["bwd"]
+    (fm, fv), (hm, hv), (wm, wv) = blocks["fwd"], blocks["bwd_hidden"], blocks["bwd_weight"]
     nvd = n * V * D
     hw = (n + V) * D * b  # read hidden and weight once
-    fwd_splits = _splits(math.ceil(n / fm), math.ceil(V / fv), 64)
-    h_splits = _splits(math.ceil(n / bm), math.ceil(V / bv), 32)
-    w_splits = _splits(math.ceil(V / bv), math.ceil(n / bm), 32)
+    fwd_splits = _splits(math.ceil(n / fm), math.ceil(V / fv), linear_logps.MAX_FWD_SPLITS)
+    h_splits = _splits(math.ceil(n / hm), math.ceil(V / hv), linear_logps.MAX_BWD_SPLITS)
+    w_splits = _splits(math.ceil(V / wv), math.ceil(n / wm), linear_logps.MAX_BWD_SPLITS)
     partials = 4 * FP32 * n * fwd_splits * 2  # [4, splits, M] written, then merged
     out = []
     for phase in ("policy fwd", "ref fwd"):
@@ -146,16 +149,38 @@ def fastdpo_fused_passes(s: Shape, n=None, blocks=FASTDPO_BLOCKS) -> list[Pass]:
     # grad_hidden: per (token tile, vocab tile): h + W tiles (recompute), W tile again (dz @ W), fp32 RMW
     out.append(Pass("policy bwd", "backward: grad_hidden pass", 4.0 * nvd,
                     hw + n * D * (FP32 * h_splits * 2 + b),
-                    tile_bytes=nvd * (b / bv + 2 * b / bm + 2 * FP32 / bv) + n * D * b))
+                    tile_bytes=nvd * (b / hv + 2 * b / hm + 2 * FP32 / hv) + n * D * b))
     # grad_weight: per (vocab tile, token tile): W + h tiles (recompute), h tile again (dz^T @ h), fp32 RMW
     out.append(Pass("policy bwd", "backward: grad_weight pass", 4.0 * nvd,
                     hw + V * D * (FP32 * w_splits * 2 + b),
-                    tile_bytes=nvd * (2 * b / bv + b / bm + 2 * FP32 / bm) + V * D * b))
+                    tile_bytes=nvd * (2 * b / wv + b / wm + 2 * FP32 / wm) + V * D * b))
     return out
 
 
 def fastdpo_fused(s: Shape) -> list[Pass]:
     return fastdpo_fused_passes(s)
+
+
+def fastdpo_gemm_core(s: Shape, store: bool, chunks: int = 1, with_reference: bool = True) -> list[Pass]:
+    """fastdpo/head.py, head_mode "stored" (store=True) or "recompute": cuBLAS GEMMs on the scored rows in
+    `chunks` chunks and the row kernels (kernels/sequence_logps.py) between them. Forward: Z = H W^T is written,
+    the row kernel reads it (stored: and overwrites it with U = d logp / dZ). Backward: recompute only without
+    store (GEMM + row_logps_backward in place), then grad_hidden = g (U W) and grad_weight = U^T (g H), the
+    latter accumulated in fp32 across chunks. Policy 6VD (stored) / 8VD (recompute); reference 2VD."""
+    n, V, D, b = s.n_completion, s.vocab, s.hidden, s.elem
+    nv = n * V
+    out = [gemm("policy fwd", "Z = H W^T", n, V, D, s),
+           elementwise("policy fwd", "row_logps_forward" + (" + write U in place" if store else ""), nv, b,
+                       b if store else 0)]
+    if not store:
+        out += [gemm("policy bwd", "recompute Z = H W^T", n, V, D, s),
+                elementwise("policy bwd", "row_logps_backward in place", nv, b, b)]
+    out += [gemm("policy bwd", "grad_hidden = g (U W)", n, D, V, s),
+            Pass("policy bwd", "grad_weight += U^T (g H) (fp32)", 2.0 * nv * D,
+                 nv * b + n * D * b + chunks * 2 * V * D * FP32)]
+    if with_reference:
+        out += [gemm("ref fwd", "Z = H W^T", n, V, D, s), elementwise("ref fwd", "row_logps_forward", nv, b, 0)]
+    return out
 
 
 def trl_chunked(s: Shape, compact=True) -> list[Pass]:
@@ -248,7 +273,11 @@ def cce(s: Shape, blocks=CCE_BLOCKS) -> list[Pass]:
 
 
 ALGORITHMS = {
-    "fastdpo_fused": ("fastdpo fused LM head (kernels/linear_logps.py)", "completion", fastdpo_fused),
+    "fastdpo_stored": ("fastdpo head_mode='stored' (GEMMs + row kernels, U kept)", "completion",
+                       lambda s: fastdpo_gemm_core(s, store=True)),
+    "fastdpo_recompute": ("fastdpo head_mode='recompute' (GEMMs + row kernels)", "completion",
+                          lambda s: fastdpo_gemm_core(s, store=False)),
+    "fastdpo_fused": ("fastdpo head_mode='fused' (kernels/linear_logps.py)", "completion", fastdpo_fused),
     "fastdpo_logits": ("LM head GEMM + fastdpo logits kernels (kernels/sequence_logps.py)", "all (kernel: completion)",
                        fastdpo_logits),
     "full_logits": ("full logits, fp32 log_softmax + gather", "all", full_logits),
@@ -337,6 +366,33 @@ def projection(vocab=LLAMA3_8B["vocab"], hidden=LLAMA3_8B["hidden"], elem=2, gpu
     s = Shape.step(step["pairs"], step["seq_len"], step["completion_fraction"], vocab, hidden, elem)
     return {"gpu": gpu, "shape": s.__dict__, "step": step, "algorithms": step_table(s, gpu),
             "kernels": kernel_table(s, gpu)}
+
+
+# Published anchor (shared/peers-cpu.md; Liger-Kernel PR #1356): fused linear cross-entropy forward + backward,
+# H200, bf16, 4096 tokens, D = 4096, V = 128256: QuACK 16.78 ms (~78% of bf16 peak), three cuBLAS GEMMs ~18.9 ms.
+H200 = {"name": "H200", "bw": 4.8e12, "flops": 989e12}
+ANCHOR = dict(tokens=4096, vocab=128256, hidden=4096, quack_ms=16.78, cublas_3_gemms_ms=18.9)
+ANCHOR_MODES = {"fastdpo_stored": lambda s: fastdpo_gemm_core(s, store=True, with_reference=False),
+                "fastdpo_recompute": lambda s: fastdpo_gemm_core(s, store=False, with_reference=False),
+                "fastdpo_fused": lambda s: [p for p in fastdpo_fused_passes(s) if p.phase != "ref fwd"]}
+
+
+def anchor_projection(gpu=H200) -> dict:
+    """Each fastdpo head mode at the anchor's shape (policy forward + backward only, every token scored): FLOPs,
+    compulsory bytes, roofline floor, and the time at the anchor's efficiency (QuACK's FLOPs at its measured
+    time). Projections, not measurements."""
+    a = ANCHOR
+    s = Shape(a["tokens"], a["tokens"], a["vocab"], a["hidden"], elem=2, pairs=1)
+    vd_flops = a["tokens"] * a["vocab"] * a["hidden"]
+    quack_efficiency = 6 * vd_flops / (a["quack_ms"] / 1e3) / gpu["flops"]  # QuACK does the 3 GEMMs: 6VD
+    rows = []
+    for key, fn in ANCHOR_MODES.items():
+        c = cost(fn(s))
+        rows.append({"algorithm": key, "vd_per_token": c.flops / vd_flops, "gb": c.bytes / 1e9,
+                     "compute_ms": c.flops / gpu["flops"] * 1e3, "memory_ms": c.bytes / gpu["bw"] * 1e3,
+                     "floor_ms": c.floor_s(gpu["bw"], gpu["flops"]) * 1e3,
+                     "at_anchor_efficiency_ms": c.flops / (gpu["flops"] * quack_efficiency) * 1e3})
+    return {"gpu": gpu, "anchor": a, "quack_efficiency": quack_efficiency, "modes": rows}
 
 
 def measured_against_roofline(algorithm: str, s: Shape, ms: float, gpu_name: str) -> dict:

@@ -1,27 +1,39 @@
-"""One benchmark job in a fresh process: `python benchmarks/worker.py '<job json>'`.
+"""Benchmark jobs, each in a fresh process: `python benchmarks/worker.py --serve` (started by run.py).
 
-The parent (benchmarks/run.py) starts one worker per implementation x configuration so that each peak
-memory figure comes from a clean process. The worker prints its result as the last stdout line,
-prefixed with RESULT_TAG. Job kinds:
+The server imports the heavy libraries once (torch, transformers, fastdpo, the installed peers: ~10 s), runs
+no computation itself, and then forks one child process per job read from stdin (one JSON object a line).
+Each measurement thus gets its own process (its own heap and memory high-water mark, nothing left over
+from an earlier measurement) without paying the imports again. The child's result comes back on stdout as
+one line prefixed with RESULT_TAG. Job kinds:
   {"kind": "head", "impl": ..., "config": ..., "dtype": ..., "device": ..., "threads": ..., timing opts}
-  {"kind": "reference", "config": ..., "dtype": ..., ...}      float64 loss on the same inputs
+  {"kind": "reference", "config": ..., "dtype": ..., ...}      float64 losses on the same inputs
   {"kind": "e2e", ...}                                        see benchmarks/e2e.py
+Every job may carry "timeout_s": the child is killed when it has not answered by then.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
+import os
+import select
+import signal
 import sys
+import time
 import traceback
 from dataclasses import replace
 
 import torch
 
-from e2e import run_e2e_job
-from heads import DTYPES, get_config, make_inputs, reference_loss
+from heads import DTYPES, get_config, make_inputs, reference_losses
 from measure import job_timing, measure_step
 from peers import all_impls
 
 RESULT_TAG = "@@FASTDPO_BENCH_RESULT "
+READY_TAG = "@@FASTDPO_BENCH_READY "
+# imported by the server before it forks, when installed (a missing or broken one fails its own jobs only)
+PRELOAD = ("e2e", "transformers.models.llama.modeling_llama", "trl.kernels", "liger_kernel.chunked_loss",
+           "cut_cross_entropy")
 
 
 def _setup(job):
@@ -57,11 +69,13 @@ def run_head(job) -> dict:
 def run_reference(job) -> dict:
     _setup(job)
     inputs = make_inputs(get_config(job["config"]), DTYPES[job["dtype"]], "cpu", seed=job.get("seed", 0))
-    return {"status": "ok", "loss": reference_loss(inputs)}
+    return {"status": "ok", **reference_losses(inputs)}
 
 
 def run_e2e(job) -> dict:
     _setup(job)
+    from e2e import run_e2e_job  # imports transformers: only e2e jobs pay for it outside the server
+
     return run_e2e_job(job)
 
 
@@ -75,12 +89,69 @@ def run_job(job: dict) -> dict:
         return {"status": "error", "note": f"{type(e).__name__}: {e}"[:500], "traceback": traceback.format_exc()}
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    result = run_job(json.loads(argv[0]))
-    sys.stdout.flush()
-    print(RESULT_TAG + json.dumps(result), flush=True)
+def _read_until(fd, deadline) -> bytes | None:
+    """Everything written to pipe `fd` until its writer closes it, or None at `deadline` (perf_counter)."""
+    data = b""
+    while True:
+        left = deadline - time.perf_counter()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def run_forked(job: dict) -> dict:
+    """run_job(job) in a child process forked from this one; killed after job["timeout_s"] seconds."""
+    timeout = float(job.get("timeout_s", 600))
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: stray prints go to stderr (the log), the result to the pipe
+        os.close(read_fd)
+        os.dup2(2, 1)
+        try:
+            os.write(write_fd, json.dumps(run_job(job)).encode())
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    data = _read_until(read_fd, time.perf_counter() + timeout)
+    os.close(read_fd)
+    if data is None:
+        os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    if data is None:
+        return {"status": "timeout", "note": f"no result within {timeout:.0f} s"}
+    if data:
+        return json.loads(data)
+    killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    return {"status": "oom" if killed else "error",
+            "note": "killed (out of memory?)" if killed else f"child exit status {status}, no result"}
+
+
+def preload() -> dict:
+    """Import the PRELOAD modules that are installed; {module: error} for those whose import failed."""
+    failed = {}
+    for name in PRELOAD:
+        try:
+            if importlib.util.find_spec(name.split(".")[0]) is not None:
+                importlib.import_module(name)
+        except Exception as e:  # the jobs that need it report it
+            failed[name] = f"{type(e).__name__}: {e}"[:200]
+    return failed
+
+
+def serve(stdin=sys.stdin, stdout=sys.stdout):
+    """Preload, announce READY, then fork one child per job line until stdin closes."""
+    t0 = time.perf_counter()
+    failed = preload()
+    print(READY_TAG + json.dumps({"import_s": time.perf_counter() - t0, "failed": failed}), file=stdout, flush=True)
+    for line in stdin:
+        if line.strip():
+            print(RESULT_TAG + json.dumps(run_forked(json.loads(line))), file=stdout, flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] != ["--serve"]:
+        raise SystemExit("usage: python benchmarks/worker.py --serve  (started by benchmarks/run.py)")
+    serve()

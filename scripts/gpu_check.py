@@ -302,11 +302,11 @@ def head_step(cfg):
         return heads.train_step(inp, loss)
 
     steps = {f"fastdpo head_mode={mode}": (lambda mode=mode: fastdpo_step(mode)) for mode in ("auto",) + MODES}
-    steps["fastdpo.loss (public API, defaults)"] = lambda: peers.all_impls()["fastdpo_fused"].build(inp)
+    steps["fastdpo.loss (public API, defaults)"] = lambda: peers.all_impls()["fastdpo"].build(inp)
     for name in PEERS:
         impl = peers.all_impls().get(name)
         steps[impl.label if impl else name] = impl or None
-    expected = heads.reference_loss(inp)
+    expected = heads.reference_losses(inp)["loss"]
     rows = []
     for name, build in steps.items():
         row = {"implementation": name, "config": config.describe()}
