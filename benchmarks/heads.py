@@ -7,15 +7,14 @@ prompt) and returns a zero-argument `step()` that runs one full step (backward i
 the detached loss.
 
 Implementations register themselves with `@register(...)`: fastdpo (`fastdpo`: the default call, head_mode
-"auto"; `fastdpo_stored` / `_recompute` / `_fused`: `fastdpo.loss(head_mode=...)`, skipped while fastdpo.loss
-has no head_mode; `fastdpo_logits`: on materialised logits) and the plain baseline here, the peers (TRL,
+"auto"; `fastdpo_stored` / `_recompute` / `_fused`: `fastdpo.loss(head_mode=...)`; `fastdpo_logits`: on
+materialised logits) and the plain baseline here, the peers (TRL,
 Liger-Kernel, torch's linear_cross_entropy, Cut Cross-Entropy) in benchmarks/peers.py, whose `all_impls()`
 returns the complete registry.
 """
 from __future__ import annotations
 
 import importlib.util
-import inspect
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -227,12 +226,6 @@ def _fused_loss(inp: HeadInputs, **options):
                         labels=inp.labels, beta=BETA, **options).loss
 
 
-def _head_mode_missing(device):
-    if "head_mode" not in inspect.signature(fastdpo.loss).parameters:
-        return "this fastdpo.loss has no head_mode (the GEMM-core head is not in this checkout)"
-    return None
-
-
 @register("fastdpo", "fastdpo (hidden, weight; head_mode='auto', the default)", group="fastdpo",
           scores="completion", roofline="fastdpo_stored")
 def build_fastdpo(inp: HeadInputs):
@@ -241,7 +234,7 @@ def build_fastdpo(inp: HeadInputs):
 
 def _register_head_mode(mode):
     @register(f"fastdpo_{mode}", f"fastdpo, head_mode='{mode}'", group="fastdpo", scores="completion",
-              roofline=f"fastdpo_{mode}", unavailable=_head_mode_missing)
+              roofline=f"fastdpo_{mode}")
     def build(inp: HeadInputs):
         return train_step(inp, lambda: _fused_loss(inp, head_mode=mode))
 
