@@ -271,6 +271,32 @@ def test_ddp_forward_is_called(tmp_path):
         dist.destroy_process_group()
 
 
+def test_fsdp2_sharded_head(tmp_path):
+    """FSDP2 (fully_shard) exposes the head weight as a DTensor outside its forward: gathered for the loss,
+    the gradient flows back to the shards."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        policy, ref = tiny_llama(seed=0), tiny_llama(seed=1)
+        plain = copy.deepcopy(policy)
+        batch = pack_pairs(*random_pairs(3, seed=18), max_tokens=48)
+        want = model_loss(plain, batch, ref_model=ref)
+        want.loss.backward()
+        mesh = init_device_mesh("cpu", (1,))
+        for module in (*policy.model.layers, policy.lm_head, policy):
+            fully_shard(module, mesh=mesh)
+        got = model_loss(policy, batch, ref_model=ref)
+        got.loss.backward()
+        assert_outputs_close(got, want)
+        torch.testing.assert_close(policy.lm_head.weight.grad.full_tensor(), plain.lm_head.weight.grad,
+                                   rtol=1e-5, atol=1e-7)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_gradient_checkpointing():
     policy, ref = tiny_llama(seed=0).train(), tiny_llama(seed=1)
     batch = pack_pairs(*random_pairs(3, seed=17), max_tokens=48)
