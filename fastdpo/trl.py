@@ -235,7 +235,8 @@ class DPOTrainer(trl.DPOTrainer):
         if self.precompute_ref_logps:
             ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
         else:
-            ref_logps = torch.cat(self.compute_ref_log_probs(self.ref_model or self.model, inputs))
+            reference = self.model if self.ref_model is None else self.ref_model
+            ref_logps = torch.cat(self.compute_ref_log_probs(reference, inputs))
         head = forward_hidden(model, inputs["packed"])
         batch = inputs["packed"].to(head.weight.device)
         with torch.autocast(head.weight.device.type, enabled=False):

@@ -67,9 +67,10 @@ def train(trainer_cls, config_cls, tmp_path, steps=3, peft=False, **options):
         from peft import LoraConfig
         peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
         ref = None
+    options = {"bf16": False, **options}
     args = config_cls(output_dir=str(tmp_path / trainer_cls.__module__), per_device_train_batch_size=4,
                       max_steps=steps, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", logging_steps=1,
-                      report_to="none", save_strategy="no", bf16=False, use_cpu=True, seed=0, disable_tqdm=True,
+                      report_to="none", save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
                       dataloader_num_workers=0, **options)
     logs = Logs()
     trainer = trainer_cls(model=policy, ref_model=ref, args=args, train_dataset=preference_dataset(),
@@ -119,6 +120,17 @@ def test_same_as_trl_sync_ref_model_and_max_length(tmp_path):
 
 def test_same_as_trl_peft_reference_is_the_adapter_disabled_model(tmp_path):
     assert_same_training(tmp_path, peft=True, loss_type=["sigmoid"])
+
+
+def test_bf16_autocast_on_cpu_close_to_trl(tmp_path):
+    """TRL's default bf16=True: accelerate's CPU autocast wraps the forward; both trainers run the backbone in
+    bf16, so they agree to bf16 accuracy (not bitwise: the two heads round differently)."""
+    want_logs, _ = train(trl.DPOTrainer, trl.DPOConfig, tmp_path, steps=2, bf16=True, loss_type=["sigmoid"])
+    got_logs, _ = train(fastdpo.trl.DPOTrainer, fastdpo.trl.DPOConfig, tmp_path, steps=2, bf16=True,
+                        loss_type=["sigmoid"])
+    for got, want in zip(got_logs, want_logs):
+        for key in ("loss", "logps/chosen", "logps/rejected", "entropy"):
+            assert got[key] == pytest.approx(want[key], rel=2e-2), key
 
 
 def test_collator_packs_trl_rows():
