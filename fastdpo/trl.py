@@ -176,8 +176,8 @@ class DPOTrainer(trl.DPOTrainer):
 
     Refused at construction (ValueError / NotImplementedError naming the option): ``ld_alpha``, a custom
     ``data_collator``, ``compute_metrics`` (logits are never built), ``truncation_mode="keep_end"`` with
-    ``max_length``, vision datasets, Mixture-of-Experts auxiliary losses, and loss options fastdpo.loss
-    rejects (e.g. a ``label_smoothing`` the chosen loss types would ignore).
+    ``max_length``, vision datasets, Mixture-of-Experts auxiliary losses, and invalid loss options (e.g.
+    ``label_smoothing`` outside [0, 0.5) for ``robust``, an unknown ``loss_type``).
     """
 
     def __init__(self, model, ref_model=None, args: trl.DPOConfig | None = None, data_collator=None,

@@ -222,11 +222,16 @@ def test_torch_compile_runs_the_compiled_forward():
 def test_accelerate_bf16_autocast_wrapper_is_honoured():
     """accelerate (TRL's default bf16=True) wraps model.forward in autocast; main bypassed it (fp32 backbone)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     policy, ref = tiny_llama(seed=0), tiny_llama(seed=1)
     P, C, R = random_pairs(3, seed=14)
     batch = pack_pairs(P, C, R, max_tokens=48)
-    wrapped = Accelerator(mixed_precision="bf16", cpu=True).prepare_model(policy)
+    AcceleratorState._reset_state(reset_partial_state=True)  # a process-wide singleton: earlier tests may set it
+    try:
+        wrapped = Accelerator(mixed_precision="bf16", cpu=True).prepare_model(policy)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     projection_dtypes = []
     policy.model.layers[0].self_attn.q_proj.register_forward_hook(
         lambda mod, args, out: projection_dtypes.append(out.dtype))
