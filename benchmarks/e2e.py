@@ -52,9 +52,9 @@ LAYOUT_LABELS = {
 DATASETS = ("hh-rlhf", "tldr", "ultrafeedback")  # keys of fastdpo.packing.DATASET_SHAPES
 
 PRESETS = {
-    # sized for 2 quiet CPU cores (~25 s per data set): real prompt lengths, 2 pairs, a 4-layer D = 256 Llama
+    # sized for 2 quiet CPU cores (~30 s per data set): real prompt lengths, 2 pairs, a 2-layer D = 256 Llama
     # whose head has Llama-3-8B's V / D ratio (32)
-    "cpu": dict(vocab=8192, hidden=256, layers=4, heads=4, intermediate=688, pairs=2, scale=1.0, sigma=0.3,
+    "cpu": dict(vocab=8192, hidden=256, layers=2, heads=4, intermediate=688, pairs=2, scale=1.0, sigma=0.3,
                 rounds=2, dtype="fp32"),
     "cuda": dict(vocab=32000, hidden=1024, layers=4, heads=8, intermediate=2816, pairs=16, scale=1.0, sigma=0.5,
                  rounds=10, dtype="bf16"),

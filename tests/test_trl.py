@@ -180,9 +180,10 @@ def test_custom_collator_and_compute_metrics_are_refused(tmp_path):
         fastdpo.trl.DPOTrainer(**common, compute_metrics=lambda p: {})
 
 
-def test_example_runs():
+def test_example_runs(tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     res = subprocess.run([sys.executable, os.path.join(REPO, "examples", "trl_dpo.py"), "--max-steps", "2",
-                          "--pairs", "8"], capture_output=True, text=True, timeout=180, env=env)
+                          "--pairs", "8", "--output-dir", str(tmp_path)], capture_output=True, text=True,
+                         timeout=180, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "rewards/accuracies" in res.stdout and "done: 2 steps" in res.stdout
