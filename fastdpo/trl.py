@@ -23,7 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
-import trl
+
+try:
+    import trl
+except ImportError as error:  # an optional dependency
+    raise ImportError("fastdpo.trl needs TRL 1.16: pip install 'fastdpo[trl]'") from error
 from accelerate.utils import is_peft_model
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
