@@ -10,7 +10,8 @@ setup(
     package_dir={"fastdpo": "fastdpo", "fastdpo.kernels": "kernels"},
     install_requires=["torch>=2.4", "triton>=3.0", "transformers>=4.45", "safetensors>=0.4"],
     extras_require={
-        "test": ["pytest>=7", "numpy", "matplotlib", "hypothesis"],
+        "test": ["pytest>=7", "numpy", "matplotlib", "hypothesis", "trl==1.16.0", "peft", "accelerate", "datasets"],
+        "trl": ["trl==1.16.0"],  # fastdpo.trl: the DPOTrainer drop-in
         "bench": ["matplotlib", "numpy"],
         # peers that benchmarks/run.py compares against (pinned: versions whose CPU paths were measured)
         "peers": ["trl==1.16.0", "liger-kernel==0.8.5"],

@@ -4,48 +4,52 @@
     out = fastdpo.model.model_loss(policy, batch, ref_model=ref, beta=0.1)
     out.loss.backward()
 
-The backbone (``get_decoder()``) is run with ``use_cache=False`` to get the last hidden states; the LM head
-weight/bias and the config's logit transforms (``final_logit_softcapping`` -> softcap, ``logit_scale`` /
-``logits_scaling``) go to ``fastdpo.loss`` in its fused form.
+The model is called as given (``model(...)``, its outermost ``__call__``), so every wrapper of its forward
+applies: DDP, FSDP2, accelerate's autocast wrapper, ``torch.compile``, PEFT, gradient checkpointing. A
+forward pre-hook on the LM head captures the head's input (the last hidden states) and hands the head an
+empty slice, so the head's matmul computes nothing; the weight of the head module that actually ran (PEFT
+``modules_to_save``: the trained copy, or the original with adapters disabled) and the config's logit
+transforms (``final_logit_softcapping`` -> softcap, ``logit_scale`` / ``logits_scaling``) go to
+``fastdpo.loss`` in its fused form.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from .attention import bool_mask, eager_mask, flash_attn_varlen_kwargs, flex_block_mask
 from .logps import SequenceLogps, sequence_logps
-from .packing import PackedBatch, flash_attn_varlen_kwargs, flex_block_mask
+from .packing import PackedBatch
 
-__all__ = ["model_loss", "model_sequence_logps", "forward_hidden", "attention_inputs", "lm_head_params",
-           "unwrap_causal_lm"]
+__all__ = ["model_loss", "model_sequence_logps", "forward_hidden", "HeadInputs", "attention_inputs",
+           "logit_transforms", "unwrap_causal_lm"]
 
-_SDPA_LIKE = ("sdpa",)
-_EAGER_LIKE = ("eager",)
+
+def _inner_module(module: torch.nn.Module) -> torch.nn.Module | None:
+    """The module a wrapper runs: torch.compile's `_orig_mod`, DDP / DataParallel / DeepSpeed's `.module`."""
+    for name in ("_orig_mod", "module"):
+        inner = getattr(module, name, None)
+        if isinstance(inner, torch.nn.Module):
+            return inner
+    return None
 
 
 def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    """The Hugging Face causal LM inside `model` (PEFT's PeftModel -> get_base_model())."""
+    """The Hugging Face causal LM inside `model`'s wrappers (torch.compile, DDP, DeepSpeed, PEFT's
+    `get_base_model()`). Only for reading config and modules: the forward is `model`'s own."""
     lm = model
-    if hasattr(lm, "get_base_model") and callable(lm.get_base_model):
-        lm = lm.get_base_model()
+    while True:
+        if callable(getattr(lm, "get_base_model", None)):  # PEFT PeftModel
+            lm = lm.get_base_model()
+        elif _inner_module(lm) is not None:
+            lm = _inner_module(lm)
+        else:
+            break
     if not hasattr(lm, "get_output_embeddings"):
         raise ValueError(f"{type(model).__name__} is not a Hugging Face causal LM (no get_output_embeddings())")
     return lm
-
-
-def _backbone(lm: torch.nn.Module) -> torch.nn.Module:
-    dec = lm.get_decoder() if hasattr(lm, "get_decoder") else None
-    if dec is None or dec is lm:
-        for name in ("model", "transformer", "gpt_neox", "base_model"):
-            cand = getattr(lm, name, None)
-            if isinstance(cand, torch.nn.Module) and cand is not lm:
-                dec = cand
-                break
-        else:
-            raise ValueError(f"cannot find the decoder backbone of {type(lm).__name__} (get_decoder() / .model)")
-    return dec
 
 
 def _text_config(lm):
@@ -53,27 +57,31 @@ def _text_config(lm):
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
-def lm_head_params(model: torch.nn.Module) -> dict[str, Any]:
-    """{"weight", "bias", "logit_scale", "softcap"} of a causal LM's output layer and config."""
-    lm = unwrap_causal_lm(model)
-    head = lm.get_output_embeddings()
-    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
-        raise ValueError(f"{type(lm).__name__} has no output embedding (get_output_embeddings() returned {head!r})")
-    if hasattr(head, "base_layer") or hasattr(head, "lora_A"):
-        raise ValueError("adapters on the output embedding (lm_head) are not supported by the fused LM-head loss")
-    weight = head.weight
-    if weight.dim() != 2:
-        raise ValueError(f"output embedding weight must be 2-D [V, D], got shape {tuple(weight.shape)}")
-    bias = getattr(head, "bias", None)
-    cfg = _text_config(lm)
+def logit_transforms(model: torch.nn.Module) -> dict[str, Any]:
+    """{"logit_scale", "softcap"} from a causal LM's config (Cohere, Granite, Gemma 2/3)."""
+    cfg = _text_config(unwrap_causal_lm(model))
     logit_scale = 1.0
     if getattr(cfg, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
         logit_scale *= float(cfg.logit_scale)
     if getattr(cfg, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
         logit_scale /= float(cfg.logits_scaling)
     softcap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3: c * tanh(logits / c)
-    return {"weight": weight, "bias": bias, "logit_scale": logit_scale,
-            "softcap": float(softcap) if softcap else None}
+    return {"logit_scale": logit_scale, "softcap": float(softcap) if softcap else None}
+
+
+def _head_leaves(lm: torch.nn.Module) -> list[torch.nn.Module]:
+    """The module(s) that may compute the logits: the output embedding, or, for a PEFT modules_to_save
+    wrapper, its original module and every trained copy (whichever runs is the one in use)."""
+    head = lm.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(lm).__name__} has no output embedding (get_output_embeddings() returned None)")
+    if hasattr(head, "base_layer") or hasattr(head, "lora_A"):
+        raise ValueError("adapters on the output embedding (lm_head) are not supported by the fused LM-head loss; "
+                         "remove 'lm_head' from the adapter's target_modules (modules_to_save is supported)")
+    leaves = [m for m in head.modules() if not list(m.children())]
+    if not leaves or not all(isinstance(getattr(m, "weight", None), torch.Tensor) for m in leaves):
+        raise ValueError(f"output embedding {type(head).__name__} is not a linear layer with a weight")
+    return leaves
 
 
 def attention_inputs(model: torch.nn.Module, batch: PackedBatch) -> dict[str, Any]:
@@ -93,17 +101,16 @@ def attention_inputs(model: torch.nn.Module, batch: PackedBatch) -> dict[str, An
     impl = getattr(cfg, "_attn_implementation", None) or getattr(lm.config, "_attn_implementation", None)
     impl = impl or "eager"
     emb = lm.get_input_embeddings().weight
-    dev = emb.device
+    batch = batch.to(emb.device)
     if "flash" in impl:  # flash-attn applies sliding windows itself
-        kw = flash_attn_varlen_kwargs(batch.to(dev), hf_names=True)  # raises for the shared layout
-        return {"attention_mask": None, **kw}
-    if impl in _SDPA_LIKE:
-        make = lambda w: batch.bool_mask(w).to(dev)  # noqa: E731
-    elif impl in _EAGER_LIKE:
+        return {"attention_mask": None, **flash_attn_varlen_kwargs(batch, hf_names=True)}  # raises if shared
+    if impl == "sdpa":
+        make = lambda w: bool_mask(batch, w)  # noqa: E731
+    elif impl == "eager":
         dtype = emb.dtype if emb.dtype.is_floating_point else torch.float32
-        make = lambda w: batch.eager_mask(dtype, w).to(dev)  # noqa: E731
+        make = lambda w: eager_mask(batch, dtype, w)  # noqa: E731
     elif impl == "flex_attention":
-        make = lambda w: flex_block_mask(batch, device=dev, sliding_window=w)  # noqa: E731
+        make = lambda w: flex_block_mask(batch, sliding_window=w)  # noqa: E731
     else:
         raise ValueError(
             f"attn_implementation={impl!r} is not supported for packed batches; use 'sdpa', 'eager', "
@@ -137,64 +144,119 @@ def _check_ids(lm: torch.nn.Module, batch: PackedBatch, what: str) -> None:
     if n_in is not None and int(ids.max()) >= n_in:
         raise ValueError(f"input_ids contain token id {int(ids.max())} outside the {what}'s vocabulary "
                          f"(input embedding size {n_in})")
-    V = lm.get_output_embeddings().weight.shape[0]
+    V = _text_config(lm).vocab_size
     lab = batch.labels[batch.labels != batch.ignore_index]
     if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= V):
         bad = int(lab.max()) if int(lab.max()) >= V else int(lab.min())
         raise ValueError(f"labels contain token id {bad} outside the {what}'s vocabulary (vocab size {V})")
 
 
-def forward_hidden(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
-    """Last hidden states [R, T, D] of the model's backbone for a packed batch (final norm applied)."""
-    lm = unwrap_causal_lm(model)
-    backbone = _backbone(lm)
-    dev = lm.get_input_embeddings().weight.device
-    kw = attention_inputs(lm, batch)
-    out = backbone(
-        input_ids=batch.input_ids.to(dev),
-        position_ids=batch.position_ids.to(dev),
-        use_cache=False,
-        **kw,
-    )
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    if hidden.shape[:2] != batch.input_ids.shape:
-        raise RuntimeError(f"backbone returned hidden states of shape {tuple(hidden.shape)} for a batch of "
-                           f"shape {tuple(batch.input_ids.shape)}")
-    return hidden
+class HeadInputs(NamedTuple):
+    """What the LM head would have multiplied: hidden [R, T, D] and weight [V, D] (+ bias [V]) in the dtype
+    the head computes in (the autocast dtype under autocast), plus the config's logit transforms."""
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    logit_scale: float
+    softcap: float | None
 
 
-def model_sequence_logps(model: torch.nn.Module, batch: PackedBatch, *, backend: str = "auto",
-                         temperature: float = 1.0) -> SequenceLogps:
-    """Per-sequence log-probs (logps [2B] float32, TRL order, and n_tokens [2B]) of a packed batch's responses.
+def _full_parameter(param: torch.Tensor | None) -> torch.Tensor | None:
+    """A head parameter as one plain tensor: FSDP2 DTensor shards gathered (differentiably)."""
+    if param is None:
+        return None
+    if getattr(param, "ds_id", None) is not None:
+        raise NotImplementedError("DeepSpeed ZeRO-3 partitions the LM head weight, which the fused LM-head loss "
+                                  "reads outside the head's forward; use ZeRO-1/2 or FSDP2")
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return param
+    return param.full_tensor() if isinstance(param, DTensor) else param
 
-    Runs the backbone (:func:`forward_hidden`) and scores the labels with ``fastdpo.sequence_logps`` in the fused
-    form from the LM head and the config's logit transforms (:func:`lm_head_params`): logits are never
-    materialised. The result is on the model's device. Gradient mode is the caller's: wrap in ``torch.no_grad()``
-    for a reference model.
+
+def forward_hidden(model: torch.nn.Module, batch: PackedBatch) -> HeadInputs:
+    """Run `model(...)` (its outermost __call__) on a packed batch; return the LM head's inputs (HeadInputs).
+
+    A forward pre-hook on the head module(s) records the last hidden states (final norm applied), the
+    module that ran and the autocast dtype in force, and passes an empty slice on: the head computes [R, 0, V].
     """
+    lm = unwrap_causal_lm(model)
+    leaves = _head_leaves(lm)
+    _check_ids(lm, batch, "model")
+    captured = []
+
+    def capture(module, args):
+        hidden = args[0]
+        device_type = hidden.device.type
+        autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        captured.append((module, hidden, autocast))
+        return (hidden[..., :0, :],) + tuple(args[1:])
+
+    handles = [leaf.register_forward_pre_hook(capture) for leaf in leaves]
+    try:
+        batch = batch.to(lm.get_input_embeddings().weight.device)
+        model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+              **attention_inputs(lm, batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"the model's forward called its output embedding {len(captured)} times (expected once)")
+    module, hidden, autocast = captured[0]
+    if hidden.shape[:2] != batch.input_ids.shape:
+        raise RuntimeError(f"the LM head received hidden states of shape {tuple(hidden.shape)} for a batch of "
+                           f"shape {tuple(batch.input_ids.shape)}")
+    weight, bias = _full_parameter(module.weight), _full_parameter(getattr(module, "bias", None))
+    dtype = autocast or weight.dtype
+    hidden = hidden.to(device=weight.device, dtype=dtype)
+    return HeadInputs(hidden, weight.to(dtype), None if bias is None else bias.to(dtype), **logit_transforms(lm))
+
+
+def _require_packed(batch) -> None:
     if not isinstance(batch, PackedBatch):
         raise ValueError(f"batch must be a fastdpo.packing.PackedBatch (from pack_pairs), got {type(batch).__name__}")
-    lm = unwrap_causal_lm(model)
-    head = lm_head_params(lm)
-    _check_ids(lm, batch, "model")
-    batch = batch.to(head["weight"].device)
-    return sequence_logps(hidden=forward_hidden(lm, batch), labels=batch.labels, seq_ids=batch.seq_ids,
-                          ignore_index=batch.ignore_index, shift=True, num_sequences=batch.num_sequences,
-                          temperature=temperature, backend=backend, **head)
+
+
+def _autocast_off(tensor: torch.Tensor):
+    """fastdpo's kernels choose their own precision: no autocast around them."""
+    return torch.autocast(tensor.device.type, enabled=False)
+
+
+def model_sequence_logps(model: torch.nn.Module, batch: PackedBatch, **options) -> SequenceLogps:
+    """Per-sequence log-probs (logps [2B] float32, TRL order, and n_tokens [2B]) of a packed batch's responses.
+
+    Runs the model (:func:`forward_hidden`) and scores the labels with ``fastdpo.sequence_logps`` in the fused
+    form: logits are never materialised. `options` (backend, temperature, ...) go to ``sequence_logps``. The
+    result is on the LM head's device. Gradient mode is the caller's: wrap in ``torch.no_grad()`` for a
+    reference model.
+    """
+    _require_packed(batch)
+    head = forward_hidden(model, batch)
+    batch = batch.to(head.weight.device)
+    with _autocast_off(head.hidden):
+        return sequence_logps(hidden=head.hidden, weight=head.weight, bias=head.bias, logit_scale=head.logit_scale,
+                              softcap=head.softcap, labels=batch.labels, seq_ids=batch.seq_ids,
+                              ignore_index=batch.ignore_index, shift=True, num_sequences=batch.num_sequences,
+                              **options)
 
 
 @contextlib.contextmanager
-def _adapters_disabled(model):
-    if hasattr(model, "disable_adapter") and callable(model.disable_adapter):  # PEFT PeftModel
-        with model.disable_adapter():
+def adapters_disabled(model):
+    """PEFT adapters of `model` switched off (the base model: DPO's reference for adapter training)."""
+    lm = model
+    while not hasattr(lm, "disable_adapter") and _inner_module(lm) is not None:  # DDP / compile around PEFT
+        lm = _inner_module(lm)
+    if hasattr(lm, "disable_adapter") and callable(lm.disable_adapter):  # PEFT PeftModel
+        with lm.disable_adapter():
             yield
-    elif getattr(model, "_hf_peft_config_loaded", False) and hasattr(model, "disable_adapters"):
+    elif getattr(lm, "_hf_peft_config_loaded", False) and hasattr(lm, "disable_adapters"):
         # transformers' PeftAdapterMixin (model.load_adapter(...))
-        model.disable_adapters()
+        lm.disable_adapters()
         try:
             yield
         finally:
-            model.enable_adapters()
+            lm.enable_adapters()
     else:
         raise ValueError(
             f"ref_adapter_disabled=True needs a PEFT model with disable_adapter() or a transformers model with a "
@@ -209,21 +271,20 @@ def model_loss(
     ref_model: torch.nn.Module | None = None,
     ref_logps: torch.Tensor | None = None,
     ref_adapter_disabled: bool = False,
-    backend: str = "auto",
     **loss_kwargs,
 ):
     """DPO-family loss of a Hugging Face causal LM on a packed batch -> fastdpo.DPOOutput.
 
+    `model` (and `ref_model`) are called as given, wrappers included (DDP, FSDP2, torch.compile, accelerate).
     Reference: at most one of ``ref_model`` (another model, run under no_grad), ``ref_logps``
     (precomputed [2B] float32 per-sequence log-probs, TRL order), ``ref_adapter_disabled=True`` (the same
-    PEFT model with adapters disabled, under no_grad); none for ``reference_free=True`` or reference-free
-    loss types (fastdpo.loss raises if the loss needs one).
-    Remaining keyword arguments (beta, loss_type, label_smoothing, temperature, ...) go to fastdpo.loss.
+    PEFT model with adapters disabled, under no_grad: the original LM head of a modules_to_save head); none
+    for ``reference_free=True`` or reference-free loss types (fastdpo.loss raises if the loss needs one).
+    Remaining keyword arguments (beta, loss_type, label_smoothing, temperature, backend, ...) go to fastdpo.loss.
     """
     import fastdpo  # the package's public loss (fastdpo/dpo.py)
 
-    if not isinstance(batch, PackedBatch):
-        raise ValueError(f"batch must be a fastdpo.packing.PackedBatch (from pack_pairs), got {type(batch).__name__}")
+    _require_packed(batch)
     n_ref = (ref_model is not None) + (ref_logps is not None) + bool(ref_adapter_disabled)
     if n_ref > 1:
         raise ValueError("pass only one of ref_model, ref_logps, ref_adapter_disabled=True")
@@ -232,48 +293,43 @@ def model_loss(
         if k in loss_kwargs:
             raise ValueError(f"model_loss sets {k!r} itself; do not pass it")
 
-    lm = unwrap_causal_lm(model)
-    head = lm_head_params(lm)
-    _check_ids(lm, batch, "model")
-    dev = head["weight"].device
-    if batch.input_ids.device != dev:
-        batch = batch.to(dev)
-
-    common = dict(labels=batch.labels, seq_ids=batch.seq_ids, ignore_index=batch.ignore_index, shift=True,
-                  num_sequences=batch.num_sequences, backend=backend)
     ref_kw: dict[str, Any] = {}
-    if ref_model is not None:
-        ref_lm = unwrap_causal_lm(ref_model)
-        ref_head = lm_head_params(ref_lm)
-        if ref_head["weight"].shape[0] != head["weight"].shape[0]:
-            raise ValueError(f"ref_model vocabulary size {ref_head['weight'].shape[0]} != model vocabulary size "
-                             f"{head['weight'].shape[0]}")
-        _check_ids(ref_lm, batch, "ref_model")
-        with torch.no_grad():
-            if (ref_head["logit_scale"], ref_head["softcap"]) == (head["logit_scale"], head["softcap"]):
-                ref_hidden = forward_hidden(ref_lm, batch).to(dev)  # ref_model may live on another device
-                ref_kw = dict(ref_hidden=ref_hidden, ref_weight=ref_head["weight"].detach().to(dev),
-                              ref_bias=None if ref_head["bias"] is None else ref_head["bias"].detach().to(dev))
-            else:  # different logit transforms: score the reference on its own
-                ref = model_sequence_logps(ref_lm, batch, backend=backend,
-                                           temperature=loss_kwargs.get("temperature", 1.0))
-                ref_kw = dict(ref_logps=ref.logps.to(dev))
-    elif ref_adapter_disabled:
-        with torch.no_grad(), _adapters_disabled(model):
-            ref_hidden = forward_hidden(lm, batch)
-        ref_kw = dict(ref_hidden=ref_hidden, ref_weight=head["weight"].detach(),
-                      ref_bias=None if head["bias"] is None else head["bias"].detach())
+    if ref_model is not None or ref_adapter_disabled:
+        with torch.no_grad(), (adapters_disabled(model) if ref_adapter_disabled else contextlib.nullcontext()):
+            ref = forward_hidden(model if ref_adapter_disabled else ref_model, batch)
+        ref_kw = dict(ref_hidden=ref.hidden, ref_weight=ref.weight, ref_bias=ref.bias)
     elif ref_logps is not None:
         if isinstance(ref_logps, torch.Tensor) and ref_logps.shape != (batch.num_sequences,):
             raise ValueError(f"ref_logps must have shape [{batch.num_sequences}] (2 x {batch.num_pairs} pairs, "
                              f"chosen first), got {tuple(ref_logps.shape)}")
         ref_kw = dict(ref_logps=ref_logps)
 
-    hidden = forward_hidden(lm, batch)
-    transforms = {}
-    if head["logit_scale"] != 1.0:
-        transforms["logit_scale"] = head["logit_scale"]
-    if head["softcap"] is not None:
-        transforms["softcap"] = head["softcap"]
-    return fastdpo.loss(hidden=hidden, weight=head["weight"], bias=head["bias"], **ref_kw, **common,
-                        **transforms, **loss_kwargs)
+    head = forward_hidden(model, batch)
+    dev = head.weight.device
+    batch = batch.to(dev)
+    if "ref_hidden" in ref_kw:
+        ref_kw = _reference_on(ref_kw, ref, head, batch, loss_kwargs)
+    with _autocast_off(head.hidden):
+        return fastdpo.loss(hidden=head.hidden, weight=head.weight, bias=head.bias, logit_scale=head.logit_scale,
+                            softcap=head.softcap, labels=batch.labels, seq_ids=batch.seq_ids,
+                            ignore_index=batch.ignore_index, shift=True, num_sequences=batch.num_sequences,
+                            **ref_kw, **loss_kwargs)
+
+
+def _reference_on(ref_kw: dict, ref: HeadInputs, head: HeadInputs, batch: PackedBatch, loss_kwargs: dict) -> dict:
+    """The reference's fused inputs on the policy head's device and dtype; a reference with other logit
+    transforms (or vocabulary) cannot share the policy's fused call and is scored on its own."""
+    if ref.weight.shape[0] != head.weight.shape[0]:
+        raise ValueError(f"ref_model vocabulary size {ref.weight.shape[0]} != model vocabulary size "
+                         f"{head.weight.shape[0]}")
+    dev, dtype = head.weight.device, head.weight.dtype
+    if (ref.logit_scale, ref.softcap) == (head.logit_scale, head.softcap):
+        return dict(ref_hidden=ref.hidden.to(dev, dtype), ref_weight=ref.weight.to(dev, dtype),
+                    ref_bias=None if ref.bias is None else ref.bias.to(dev, dtype))
+    with torch.no_grad(), _autocast_off(ref.hidden):
+        scored = sequence_logps(hidden=ref.hidden, weight=ref.weight, bias=ref.bias, logit_scale=ref.logit_scale,
+                                softcap=ref.softcap, labels=batch.labels.to(ref.weight.device),
+                                seq_ids=batch.seq_ids.to(ref.weight.device), ignore_index=batch.ignore_index,
+                                shift=True, num_sequences=batch.num_sequences,
+                                temperature=loss_kwargs.get("temperature", 1.0))
+    return dict(ref_logps=scored.logps.to(dev))

@@ -31,25 +31,14 @@ and ``seq_ids`` follow the TRL numbering (chosen of pair i -> i, rejected -> B +
 ``fastdpo.sequence_logps(..., shift=True)`` / ``fastdpo.loss`` score every response token from the
 right context.
 
-Attention descriptions:
-
-* ``PackedBatch.attention_mask``: boolean ``[R, 1, T, T]``, True = attend (SDPA). Transformers (5.x)
-  passes a 4-D mask through untouched (``masking_utils._preprocess_mask_arguments``), and uses
-  ``position_ids`` only for the rotary embedding in that case.
-* ``PackedBatch.eager_mask(dtype)``: the same mask as an additive float mask. Transformers' eager
-  attention *adds* the mask to the scores, so a boolean mask there would be silently wrong.
-* ``flex_block_mask(batch)``: a FlexAttention ``BlockMask`` built from ``make_mask_mod(batch)``.
-* ``flash_attn_varlen_kwargs(batch)``: ``cu_seqlens``/``max_seqlen`` for flash-attn varlen over the
-  flattened rows (non-shared layout only: the shared layout is not a union of causal segments).
-
-Padding tokens attend only to themselves: no fully masked query rows, hence no NaNs in SDPA/eager.
+The attention masks and flash-attn arguments of a packed batch live in ``fastdpo.attention``.
 """
 from __future__ import annotations
 
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -71,9 +60,6 @@ __all__ = [
     "pair_length",
     "first_fit_decreasing",
     "balanced_bins",
-    "make_mask_mod",
-    "flex_block_mask",
-    "flash_attn_varlen_kwargs",
     "layout_token_counts",
     "DATASET_SHAPES",
     "synthetic_lengths",
@@ -85,7 +71,7 @@ PAIR_FIELDS = (  # column names of tokenized preference rows, in order of prefer
     ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"),  # TRL < 1.0
 )
 
-# branch ids: which part of a pair block a token belongs to (see make_mask_mod)
+# branch ids: which part of a pair block a token belongs to (see fastdpo.attention.make_mask_mod)
 BRANCH_PAD = -1
 BRANCH_CONTEXT = 0  # visible to every later token of its block (prompt[:-1] in the shared layout)
 BRANCH_CHOSEN = 1  # last prompt token + chosen response (shared layout); whole sequence otherwise
@@ -158,7 +144,6 @@ class PackedBatch:
     shared_prompt: bool
     pair_rows: list[int]  # row holding each pair
     report: PackingReport
-    attention_mask: torch.Tensor | None = None  # [R, 1, T, T] bool, True = attend
     ignore_index: int = -100
 
     @property
@@ -171,31 +156,9 @@ class PackedBatch:
 
     def to(self, device) -> "PackedBatch":
         out = PackedBatch(**{k: getattr(self, k) for k in self.__dataclass_fields__})
-        for k in ("input_ids", "position_ids", "labels", "seq_ids", "segment_ids", "branch_ids", "cu_seqlens",
-                  "attention_mask"):
-            v = getattr(out, k)
-            if v is not None:
-                setattr(out, k, v.to(device))
+        for k in ("input_ids", "position_ids", "labels", "seq_ids", "segment_ids", "branch_ids", "cu_seqlens"):
+            setattr(out, k, getattr(out, k).to(device))
         return out
-
-    def bool_mask(self, sliding_window: int | None = None) -> torch.Tensor:
-        """[R, 1, T, T] boolean mask, True = attend (built on first use if pack_pairs(build_mask=False)).
-        With `sliding_window` w, a token only sees keys whose position is within w - 1 of its own
-        (transformers' rule kv > q - w, applied to position ids so it matches unpacked runs)."""
-        if self.attention_mask is None:
-            self.attention_mask = _mask_from_ids(self.segment_ids, self.branch_ids)
-        if sliding_window is None:
-            return self.attention_mask
-        pos = self.position_ids
-        near = (pos[:, None, :, None] - pos[:, None, None, :]) < sliding_window
-        eye = torch.eye(pos.shape[1], dtype=torch.bool, device=pos.device)
-        return self.attention_mask & (near | eye)
-
-    def eager_mask(self, dtype: torch.dtype = torch.float32, sliding_window: int | None = None) -> torch.Tensor:
-        """Additive float mask [R, 1, T, T]: 0 where attending, finfo(dtype).min elsewhere."""
-        m = self.bool_mask(sliding_window)
-        out = torch.zeros(m.shape, dtype=dtype, device=m.device)
-        return out.masked_fill_(~m, torch.finfo(dtype).min)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,7 +308,6 @@ def pack_pairs(
     pad_to_multiple_of: int | None = None,
     ignore_index: int = -100,
     vocab_size: int | None = None,
-    build_mask: bool = True,
     device: torch.device | str | None = None,
 ) -> PackedBatch:
     """Pack B preference pairs (token-id lists) into rows of at most ``max_tokens`` tokens.
@@ -456,124 +418,7 @@ def pack_pairs(
         ),
         ignore_index=ignore_index,
     )
-    if build_mask:
-        batch.attention_mask = _block_mask_explicit(batch, pairs, bins)
     return batch
-
-
-def _block_mask_explicit(batch: PackedBatch, pairs, bins) -> torch.Tensor:
-    """Boolean [R, 1, T, T] mask written block by block from the pair lengths (independent of the
-    id-based rule in make_mask_mod, which the tests compare against it)."""
-    R_, T = batch.input_ids.shape
-    m = torch.zeros(R_, 1, T, T, dtype=torch.bool)
-
-    def causal(n):
-        return torch.ones(n, n, dtype=torch.bool).tril_()
-
-    for row, b in enumerate(bins):
-        t = 0
-        for k in b:
-            p, c, r = pairs[k]
-            P, C, R = len(p), len(c), len(r)
-            if batch.shared_prompt:
-                n1 = P + C  # [prompt][chosen]: plain causal block
-                m[row, 0, t:t + n1, t:t + n1] = causal(n1)
-                s = t + n1  # rejected block: repeated token + rejected response
-                m[row, 0, s:s + 1 + R, t:t + P - 1] = True  # sees prompt[:-1]
-                m[row, 0, s:s + 1 + R, s:s + 1 + R] = causal(1 + R)
-                t = s + 1 + R
-            else:
-                for n in (P + C, P + R):
-                    m[row, 0, t:t + n, t:t + n] = causal(n)
-                    t += n
-        idx = torch.arange(t, T)
-        m[row, 0, idx, idx] = True  # padding attends to itself only
-    return m.to(batch.input_ids.device)
-
-
-def _mask_from_ids(segment_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.Tensor:
-    T = segment_ids.shape[-1]
-    q = torch.arange(T, device=segment_ids.device)
-    return make_mask_mod(segment_ids, branch_ids)(
-        torch.arange(segment_ids.shape[0], device=segment_ids.device)[:, None, None, None], 0,
-        q[None, None, :, None], q[None, None, None, :],
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# FlexAttention / flash-attn
-# --------------------------------------------------------------------------------------------------
-
-def make_mask_mod(batch_or_segment_ids, branch_ids: torch.Tensor | None = None, *,
-                  sliding_window: int | None = None, position_ids: torch.Tensor | None = None) -> Callable:
-    """FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool`` for a packed batch.
-
-    Rule: kv is visible to q iff q == kv, or (same non-padding segment, kv <= q, and
-    branch[kv] == CONTEXT or branch[kv] == branch[q]) [and pos[q] - pos[kv] < sliding_window].
-    Works element-wise on index tensors, so it can also be evaluated with broadcasting on CPU.
-    """
-    if isinstance(batch_or_segment_ids, PackedBatch):
-        seg, br = batch_or_segment_ids.segment_ids, batch_or_segment_ids.branch_ids
-        pos = batch_or_segment_ids.position_ids if position_ids is None else position_ids
-    else:
-        seg, br, pos = batch_or_segment_ids, branch_ids, position_ids
-        if br is None:
-            raise ValueError("make_mask_mod needs branch_ids when given segment ids")
-    if sliding_window is not None and pos is None:
-        raise ValueError("make_mask_mod needs position_ids for a sliding window")
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        sq, sk = seg[b, q_idx], seg[b, kv_idx]
-        bq, bk = br[b, q_idx], br[b, kv_idx]
-        same = (sq == sk) & (sq >= 0) & (kv_idx <= q_idx) & ((bk == BRANCH_CONTEXT) | (bk == bq))
-        if sliding_window is not None:
-            same = same & ((pos[b, q_idx] - pos[b, kv_idx]) < sliding_window)
-        return same | (q_idx == kv_idx)
-
-    return mask_mod
-
-
-def flex_attention_available() -> bool:
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def flex_block_mask(batch: PackedBatch, *, device=None, block_size: int = 128, compile: bool = False,
-                    sliding_window: int | None = None):
-    """FlexAttention BlockMask of shape [R, 1, T, T] for the batch (for attn_implementation="flex_attention").
-    Intended for GPU; raises RuntimeError when torch.nn.attention.flex_attention is not importable."""
-    if not flex_attention_available():
-        raise RuntimeError("torch.nn.attention.flex_attention is not available in this torch build")
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    device = device if device is not None else batch.input_ids.device
-    b = batch.to(device)
-    R_, T = b.input_ids.shape
-    return create_block_mask(make_mask_mod(b, sliding_window=sliding_window), R_, None, T, T, device=device, BLOCK_SIZE=block_size,
-                             _compile=compile)
-
-
-def flash_attn_varlen_kwargs(batch: PackedBatch, *, hf_names: bool = False) -> dict:
-    """Arguments for flash-attn varlen over the flattened [R*T] tokens of a non-shared batch.
-
-    ``hf_names=False``: {"cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"}
-    (``flash_attn_varlen_func``); ``hf_names=True``: {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
-    "max_length_k"} (transformers' FlashAttentionKwargs). Padding tails are their own segments.
-    """
-    if batch.shared_prompt:
-        raise ValueError(
-            "flash-attn varlen cannot express the shared-prompt layout (the rejected response must skip the "
-            "chosen one); use pack_pairs(shared_prompt=False), or sdpa / eager / flex_attention"
-        )
-    cu = batch.cu_seqlens.to(device=batch.input_ids.device, dtype=torch.int32)
-    if hf_names:
-        return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": batch.max_seqlen,
-                "max_length_k": batch.max_seqlen}
-    return {"cu_seqlens_q": cu, "cu_seqlens_k": cu, "max_seqlen_q": batch.max_seqlen,
-            "max_seqlen_k": batch.max_seqlen}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import fastdpo
-from fastdpo.model import attention_inputs, forward_hidden, lm_head_params, model_loss, model_sequence_logps
+from fastdpo.attention import bool_mask, eager_mask
+from fastdpo.model import attention_inputs, forward_hidden, logit_transforms, model_loss, model_sequence_logps
 from fastdpo.packing import pack_pairs
 from reference import sequence_logps_f64
 
@@ -102,11 +103,11 @@ def test_no_logits_materialised(monkeypatch):
     policy, ref = tiny_llama(seed=0), tiny_llama(seed=1)
     P, C, R = random_pairs(3, seed=3)
     batch = pack_pairs(P, C, R, max_tokens=64)
-    calls = []
+    head_rows = []  # the LM head runs on an empty slice: no logits
     for m in (policy, ref):
-        m.lm_head.register_forward_hook(lambda *a: calls.append(1))
+        m.lm_head.register_forward_hook(lambda mod, args, out: head_rows.append(out.shape[-2]))
     model_loss(policy, batch, ref_model=ref).loss.backward()
-    assert calls == []
+    assert head_rows == [0, 0]
 
 
 def test_forward_hidden_matches_model_logits():
@@ -116,8 +117,9 @@ def test_forward_hidden_matches_model_logits():
     with torch.no_grad():
         h = forward_hidden(model, batch)
         logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                       attention_mask=batch.eager_mask()).logits
-    torch.testing.assert_close(model.lm_head(h), logits, rtol=1e-5, atol=1e-5)
+                       attention_mask=eager_mask(batch)).logits
+    assert h.weight is model.lm_head.weight and h.bias is None and (h.logit_scale, h.softcap) == (1.0, None)
+    torch.testing.assert_close(model.lm_head(h.hidden), logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -125,10 +127,10 @@ def test_model_sequence_logps_equals_unpacked_f64(shared):
     model = tiny_llama(seed=0)
     P, C, R = random_pairs(4, seed=11)
     batch = pack_pairs(P, C, R, max_tokens=40, shared_prompt=shared)
-    calls = []
-    model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    head_rows = []
+    model.lm_head.register_forward_hook(lambda mod, args, out: head_rows.append(out.shape[-2]))
     res = model_sequence_logps(model, batch)
-    assert calls == [] and res.logps.dtype == torch.float32 and res.logps.requires_grad  # grad mode is the caller's
+    assert head_rows == [0] and res.logps.dtype == torch.float32 and res.logps.requires_grad  # grad mode is the caller's
     with torch.no_grad():
         logits, labels = unpacked_logits_batch(model, P, C, R)
         assert not model_sequence_logps(model, batch).logps.requires_grad
@@ -153,35 +155,18 @@ def test_ref_logps_and_reference_free():
         model_loss(policy, batch)
 
 
-class FakePeft(torch.nn.Module):
-    """Minimal PEFT stand-in: a low-rank delta on one projection, disable_adapter() context, get_base_model()."""
+def lora(model, **over):
+    from peft import LoraConfig, get_peft_model
 
-    def __init__(self, lm):
-        super().__init__()
-        self.base = lm
-        self.A = torch.nn.Parameter(torch.randn(64, 4) * 0.3)
-        self.B = torch.nn.Parameter(torch.randn(4, 64) * 0.3)
-        self.enabled = True
-        lm.model.layers[0].self_attn.o_proj.register_forward_hook(
-            lambda mod, inp, out: out + (inp[0] @ self.A @ self.B if self.enabled else 0))
-
-    def get_base_model(self):
-        return self.base
-
-    @contextlib.contextmanager
-    def disable_adapter(self):
-        self.enabled = False
-        try:
-            yield
-        finally:
-            self.enabled = True
+    torch.manual_seed(3)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **over)
+    return get_peft_model(model, config)
 
 
 def test_ref_adapter_disabled():
     base = tiny_llama(seed=0)
     ref = copy.deepcopy(base)
-    base.requires_grad_(False)
-    peft = FakePeft(base)
+    peft = lora(base)
     P, C, R = random_pairs(4, seed=6)
     batch = pack_pairs(P, C, R, max_tokens=48)
     out = model_loss(peft, batch, ref_adapter_disabled=True)
@@ -189,9 +174,147 @@ def test_ref_adapter_disabled():
     assert_outputs_close(out, want)
     assert not torch.allclose(out.chosen_logps, out.ref_chosen_logps)  # the adapter does something
     out.loss.backward()
-    assert peft.A.grad is not None and peft.A.grad.abs().sum() > 0 and peft.enabled
+    lora_grads = [p.grad for n, p in peft.named_parameters() if "lora_" in n]
+    assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
     with pytest.raises(ValueError, match="disable_adapter"):
-        model_loss(base, batch, ref_adapter_disabled=True)
+        model_loss(ref, batch, ref_adapter_disabled=True)
+
+
+def test_peft_modules_to_save_reference_uses_the_original_head():
+    """modules_to_save=["lm_head"]: the policy scores with the trained head copy, the reference (adapters
+    disabled) with the original head. main read `get_output_embeddings().weight` (the trained copy) for both."""
+    base = tiny_llama(seed=0)
+    original = copy.deepcopy(base)
+    peft = lora(base, modules_to_save=["lm_head"])
+    with torch.no_grad():
+        trained_head = peft.base_model.model.lm_head.modules_to_save["default"]
+        trained_head.weight.add_(0.5 * torch.randn_like(trained_head.weight))
+    P, C, R = random_pairs(4, seed=12)
+    batch = pack_pairs(P, C, R, max_tokens=48)
+    out = model_loss(peft, batch, ref_adapter_disabled=True)
+    with torch.no_grad():
+        want_ref = model_sequence_logps(original, batch).logps
+        policy_logits, labels = unpacked_logits_batch(peft, P, C, R)
+    torch.testing.assert_close(torch.cat([out.ref_chosen_logps, out.ref_rejected_logps]), want_ref,
+                               rtol=1e-5, atol=1e-6)
+    want_policy, _ = sequence_logps_f64(policy_logits, labels)
+    torch.testing.assert_close(torch.cat([out.chosen_logps, out.rejected_logps]).double(), want_policy,
+                               rtol=1e-5, atol=0)
+    out.loss.backward()
+    assert trained_head.weight.grad is not None and peft.base_model.model.lm_head.original_module.weight.grad is None
+
+
+def test_torch_compile_runs_the_compiled_forward():
+    """main called the unwrapped backbone: torch.compile(model) compiled 0 graphs."""
+    from torch._dynamo.testing import CompileCounter
+
+    policy, ref = tiny_llama(seed=0), tiny_llama(seed=1)
+    batch = pack_pairs(*random_pairs(3, seed=13), max_tokens=48)
+    want = model_loss(policy, batch, ref_model=ref)
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    got = model_loss(torch.compile(policy, backend=counter), batch, ref_model=ref)
+    assert counter.frame_count >= 1
+    assert_outputs_close(got, want)
+    torch._dynamo.reset()
+
+
+def test_accelerate_bf16_autocast_wrapper_is_honoured():
+    """accelerate (TRL's default bf16=True) wraps model.forward in autocast; main bypassed it (fp32 backbone)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    policy, ref = tiny_llama(seed=0), tiny_llama(seed=1)
+    P, C, R = random_pairs(3, seed=14)
+    batch = pack_pairs(P, C, R, max_tokens=48)
+    AcceleratorState._reset_state(reset_partial_state=True)  # a process-wide singleton: earlier tests may set it
+    try:
+        wrapped = Accelerator(mixed_precision="bf16", cpu=True).prepare_model(policy)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    projection_dtypes = []
+    policy.model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda mod, args, out: projection_dtypes.append(out.dtype))
+    out = model_loss(wrapped, batch, ref_model=ref)
+    out.loss.backward()
+    assert projection_dtypes == [torch.bfloat16]
+    assert policy.lm_head.weight.grad is not None and policy.lm_head.weight.grad.dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the same computation, logits form
+        logits, labels = unpacked_logits_batch(policy, P, C, R)
+    want, _ = sequence_logps_f64(logits.float(), labels)
+    torch.testing.assert_close(torch.cat([out.chosen_logps, out.rejected_logps]).double(), want, rtol=2e-2, atol=0.5)
+
+
+def test_cpu_bf16_autocast_context():
+    policy, ref = tiny_llama(seed=0), tiny_llama(seed=1)
+    batch = pack_pairs(*random_pairs(3, seed=15), max_tokens=48)
+    want = model_loss(policy, batch, ref_model=ref, beta=0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model_loss(policy, batch, ref_model=ref, beta=0.5)
+    got.loss.backward()
+    torch.testing.assert_close(got.chosen_logps, want.chosen_logps, rtol=2e-2, atol=0.1)
+    assert policy.lm_head.weight.grad.dtype == torch.float32 and policy.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_ddp_forward_is_called(tmp_path):
+    """main raised "not a Hugging Face causal LM" for a DDP-wrapped model."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        policy, ref = tiny_llama(seed=0), tiny_llama(seed=1)
+        batch = pack_pairs(*random_pairs(3, seed=16), max_tokens=48)
+        want = model_loss(policy, batch, ref_model=ref)
+        ddp = torch.nn.parallel.DistributedDataParallel(policy)
+        ddp_calls = []
+        ddp.register_forward_pre_hook(lambda mod, args: ddp_calls.append(1))
+        got = model_loss(ddp, batch, ref_model=ref)
+        got.loss.backward()
+        assert ddp_calls == [1]
+        assert_outputs_close(got, want)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_head(tmp_path):
+    """FSDP2 (fully_shard) exposes the head weight as a DTensor outside its forward: gathered for the loss,
+    the gradient flows back to the shards."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        policy, ref = tiny_llama(seed=0), tiny_llama(seed=1)
+        plain = copy.deepcopy(policy)
+        batch = pack_pairs(*random_pairs(3, seed=18), max_tokens=48)
+        want = model_loss(plain, batch, ref_model=ref)
+        want.loss.backward()
+        mesh = init_device_mesh("cpu", (1,))
+        for module in (*policy.model.layers, policy.lm_head, policy):
+            fully_shard(module, mesh=mesh)
+        got = model_loss(policy, batch, ref_model=ref)
+        got.loss.backward()
+        assert_outputs_close(got, want)
+        torch.testing.assert_close(policy.lm_head.weight.grad.full_tensor(), plain.lm_head.weight.grad,
+                                   rtol=1e-5, atol=1e-7)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradient_checkpointing():
+    policy, ref = tiny_llama(seed=0).train(), tiny_llama(seed=1)
+    batch = pack_pairs(*random_pairs(3, seed=17), max_tokens=48)
+    want = model_loss(policy, batch, ref_model=ref)
+    want.loss.backward()
+    want_grads = grads(policy)
+    policy.zero_grad()
+    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    got = model_loss(policy, batch, ref_model=ref)
+    got.loss.backward()
+    assert_outputs_close(got, want)
+    for name, grad in grads(policy).items():
+        torch.testing.assert_close(grad, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "cohere", "mistral"])
@@ -215,7 +338,7 @@ def test_other_architectures(arch):
         cfg = MistralConfig(**common, sliding_window=3, attn_implementation="sdpa")
         make = lambda: MistralForCausalLM(cfg).eval()  # noqa: E731
     policy = make()
-    head = lm_head_params(policy)
+    head = logit_transforms(policy)
     if arch == "gemma2":
         assert head["softcap"] == 2.0
         assert set(attention_inputs(policy, pack_pairs([[1]], [[2]], [[3]], max_tokens=8))["attention_mask"]) == {
@@ -284,9 +407,9 @@ def test_attention_inputs_per_implementation():
     sep = pack_pairs(P, C, R, max_tokens=48, shared_prompt=False)
     sdpa, eager = tiny_llama("sdpa"), tiny_llama("eager")
     m = attention_inputs(sdpa, shared)["attention_mask"]
-    assert m.dtype == torch.bool and torch.equal(m, shared.attention_mask)
+    assert m.dtype == torch.bool and torch.equal(m, bool_mask(shared))
     e = attention_inputs(eager, shared)["attention_mask"]
-    assert e.dtype == torch.float32 and torch.equal(e == 0, shared.attention_mask)
+    assert e.dtype == torch.float32 and torch.equal(e == 0, bool_mask(shared))
     fake = copy.copy(sdpa)
     fake.config = copy.deepcopy(sdpa.config)
     fake.config.__dict__["_attn_implementation_internal"] = "flash_attention_2"

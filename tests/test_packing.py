@@ -4,16 +4,21 @@ import warnings
 import pytest
 import torch
 
+from fastdpo.attention import (
+    _block_mask_explicit,
+    bool_mask,
+    eager_mask,
+    flash_attn_varlen_kwargs,
+    flex_attention_available,
+    flex_block_mask,
+    make_mask_mod,
+)
 from fastdpo.packing import (
     PackedBatch,
     PackingWarning,
     balanced_bins,
     first_fit_decreasing,
-    flash_attn_varlen_kwargs,
-    flex_attention_available,
-    flex_block_mask,
     layout_token_counts,
-    make_mask_mod,
     pack_pairs,
     pair_length,
     synthetic_lengths,
@@ -71,7 +76,7 @@ def packed_logps(logits, batch):
 
 
 def run_packed(model, batch, impl):
-    mask = batch.attention_mask if impl == "sdpa" else batch.eager_mask(torch.float32)
+    mask = bool_mask(batch) if impl == "sdpa" else eager_mask(batch, torch.float32)
     with torch.no_grad():
         return model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask).logits
 
@@ -145,7 +150,7 @@ def test_shared_layout_exact():
     assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3, 4, 5]]
     assert b.labels.tolist() == [[-100, -100, -100, 21, 22, -100, 31, 32, 33]]
     assert b.seq_ids.tolist() == [[-1, -1, -1, 0, 0, -1, 1, 1, 1]]
-    m = b.attention_mask[0, 0].int().tolist()
+    m = _block_mask_explicit(b)[0, 0].int().tolist()
     assert m == [
         [1, 0, 0, 0, 0, 0, 0, 0, 0],  # p0
         [1, 1, 0, 0, 0, 0, 0, 0, 0],  # p1
@@ -166,7 +171,7 @@ def test_nonshared_layout_exact():
     assert b.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 3, 0]]
     assert b.labels.tolist() == [[-100, -100, 21, -100, -100, 31, 32, -100]]
     assert b.seq_ids.tolist() == [[-1, -1, 0, -1, -1, 1, 1, -1]]
-    m = b.attention_mask[0, 0]
+    m = _block_mask_explicit(b)[0, 0]
     want = torch.zeros(8, 8, dtype=torch.bool)
     want[:3, :3] = torch.ones(3, 3).tril().bool()
     want[3:7, 3:7] = torch.ones(4, 4).tril().bool()
@@ -210,12 +215,12 @@ def test_mask_mod_matches_bool_mask(shared):
     mm = make_mask_mod(b)
     i = torch.arange(T)
     dense = mm(torch.arange(Rn)[:, None, None, None], 0, i[None, None, :, None], i[None, None, None, :])
-    assert torch.equal(dense, b.attention_mask)
+    assert torch.equal(dense, _block_mask_explicit(b))
     # the same mask_mod evaluated point-wise through vmap-free scalar calls on a few entries
     for (r, q, k) in [(0, 0, 0), (0, T - 1, 0), (Rn - 1, T // 2, T // 3)]:
-        assert bool(mm(torch.tensor(r), 0, torch.tensor(q), torch.tensor(k))) == bool(b.attention_mask[r, 0, q, k])
-    assert b.attention_mask.any(-1).all()  # no fully masked query row
-    assert torch.equal(b.attention_mask, b.attention_mask.tril())  # never attends to the future
+        assert bool(mm(torch.tensor(r), 0, torch.tensor(q), torch.tensor(k))) == bool(_block_mask_explicit(b)[r, 0, q, k])
+    assert _block_mask_explicit(b).any(-1).all()  # no fully masked query row
+    assert torch.equal(_block_mask_explicit(b), _block_mask_explicit(b).tril())  # never attends to the future
 
 
 @pytest.mark.skipif(not flex_attention_available(), reason="flex_attention not importable")
@@ -229,7 +234,7 @@ def test_flex_block_mask_cpu():
     dense_blocks = bm.to_dense()[:, 0].bool()
     nb = -(-T // 8)
     pad = torch.zeros(Rn, nb * 8, nb * 8, dtype=torch.bool)
-    pad[:, :T, :T] = b.attention_mask[:, 0]
+    pad[:, :T, :T] = _block_mask_explicit(b)[:, 0]
     any_block = pad.view(Rn, nb, 8, nb, 8).any(4).any(2)
     assert torch.equal(dense_blocks, any_block)
 
@@ -259,7 +264,7 @@ def test_flash_varlen_kwargs_match_transformers_position_id_derivation():
     flat = torch.block_diag(*[torch.ones(n, n).tril().bool() for n in b.cu_seqlens.diff().tolist()])
     T = b.input_ids.shape[1]
     for r in range(b.input_ids.shape[0]):
-        assert torch.equal(flat[r * T:(r + 1) * T, r * T:(r + 1) * T], b.attention_mask[r, 0] | _pad_tril(b, r))
+        assert torch.equal(flat[r * T:(r + 1) * T, r * T:(r + 1) * T], _block_mask_explicit(b)[r, 0] | _pad_tril(b, r))
     with pytest.raises(ValueError, match="shared-prompt"):
         flash_attn_varlen_kwargs(pack_pairs(P, C, R, max_tokens=40, shared_prompt=True))
 
@@ -323,10 +328,9 @@ def test_pad_to_multiple_of_and_device():
     assert b.input_ids.shape[1] % 16 == 0
     b2 = b.to("cpu")
     assert isinstance(b2, PackedBatch) and torch.equal(b2.input_ids, b.input_ids)
-    b3 = pack_pairs(P, C, R, max_tokens=40, build_mask=False)
-    assert b3.attention_mask is None and torch.equal(b3.bool_mask(), pack_pairs(P, C, R, max_tokens=40).attention_mask)
-    em = b.eager_mask(torch.float32)
-    assert ((em == 0) == b.attention_mask).all() and em.min() == torch.finfo(torch.float32).min
+    assert torch.equal(bool_mask(b), _block_mask_explicit(b))
+    em = eager_mask(b, torch.float32)
+    assert ((em == 0) == bool_mask(b)).all() and em.min() == torch.finfo(torch.float32).min
 
 
 # ------------------------------------------------------------------------------------------------ truncation
