@@ -173,25 +173,30 @@ def notes(heads) -> list[str]:
 # ------------------------------------------------------------------------------------------------------
 # end to end
 def e2e_table(e2e) -> str:
+    """One row per data set x layout; ratios against the run's baseline layout (TRL's own training_step)."""
     rows = []
     for ds, res in e2e.get("datasets", {}).items():
         if not _ok(res):
-            rows.append([ds, "—", res.get("status", "?"), res.get("note", ""), "", "", "", ""])
+            rows.append([ds, "—", res.get("status", "?"), res.get("note", ""), "", "", "", "", ""])
             continue
-        base = res["layouts"].get("padded_full_logits")
+        base_name = res.get("baseline", "trl")
+        base = res["layouts"].get(base_name)
         for layout in LAYOUTS:
             r = res["layouts"].get(layout)
             if r is None:
                 continue
             if not _ok(r):
-                rows.append([ds, layout, r.get("status"), r.get("note", ""), "", "", "", ""])
+                rows.append([ds, layout, r.get("status"), r.get("note", ""), "", "", "", "", ""])
                 continue
-            speed = f"{base['ms'] / r['ms']:.2f}x" if _ok(base) else "—"
+            times = r.get("times_ms") or [r["ms"]]
+            spread = f"{_fmt(min(times))}–{_fmt(max(times))}"
+            ratio = f"{r['ms'] / base['ms']:.2f}x / {r['peak_mb'] / max(base['peak_mb'], 1e-9):.2f}x" if _ok(base) else "—"
             err = f"{_rel_diff(r['loss'], base['loss']):.1e}" if _ok(base) else "—"
-            rows.append([ds, layout, _fmt(r["ms"]), f"{r['pairs_per_s']:.3g}", f"{r['tokens_per_s']:.0f}",
-                         f"{r['computed_tokens']} ({r['computed_tokens'] / res['data_tokens']:.2f})", speed, err])
-    return md_table(["data set", "layout", "ms / step", "pairs/s", "tokens/s", "tokens computed (/ data)",
-                     "speed-up vs padded full logits", "loss diff vs padded full logits"], rows)
+            rows.append([ds, layout, f"{_fmt(r['ms'])} ({spread})", f"{r['peak_mb']:.0f}", f"{r['tokens_per_s']:.0f}",
+                         f"{r['computed_tokens']} ({r['computed_tokens'] / res['data_tokens']:.2f})", ratio, err,
+                         len(times)])
+    return md_table(["data set", "layout", "ms / step (min–max)", "peak MB", "tokens/s", "tokens computed (/ data)",
+                     "time / memory vs TRL", "loss diff vs TRL", "rounds"], rows)
 
 
 def e2e_shapes(e2e) -> str:
@@ -312,10 +317,11 @@ def markdown(results) -> str:
         if e2e.get("datasets"):
             pre = e2e.get("preset", {})
             parts += [f"Tiny Llama from config (vocab {pre.get('vocab')}, hidden {pre.get('hidden')}, "
-                      f"{pre.get('layers')} layers, {pre.get('dtype')}, random init), AdamW step included (lr 0, so "
-                      "all layouts see the same weights and must give the same loss). Layouts: "
+                      f"{pre.get('layers')} layers, {pre.get('dtype')}, random init), one `training_step` (forward + "
+                      "backward + reference forward, no optimizer update: every layout sees the same weights and "
+                      "must give the same loss), layouts timed in interleaved rounds. Layouts: "
                       + "; ".join(f"`{k}` = {v}" for k, v in LAYOUT_LABELS.items()) + ". tokens/s counts the data "
-                      "(prompt twice + chosen + rejected per pair); packing is data preparation, not timed.", "",
+                      "(prompt twice + chosen + rejected per pair); packing is collation (data preparation), not timed.", "",
                       e2e_shapes(e2e), "", e2e_table(e2e), ""]
     if results.get("roofline_anchor"):
         parts += ["## fastdpo head modes at the published H200 anchor (projection, not measured)", "",

@@ -22,6 +22,7 @@ import torch
 from .attention import bool_mask, eager_mask, flash_attn_varlen_kwargs, flex_block_mask
 from .logps import SequenceLogps, sequence_logps
 from .packing import PackedBatch
+from .parallel import is_vocab_parallel_head
 
 __all__ = ["model_loss", "model_sequence_logps", "forward_hidden", "HeadInputs", "attention_inputs",
            "logit_transforms", "unwrap_causal_lm"]
@@ -207,7 +208,10 @@ def forward_hidden(model: torch.nn.Module, batch: PackedBatch) -> HeadInputs:
     if hidden.shape[:2] != batch.input_ids.shape:
         raise RuntimeError(f"the LM head received hidden states of shape {tuple(hidden.shape)} for a batch of "
                            f"shape {tuple(batch.input_ids.shape)}")
-    weight, bias = _full_parameter(module.weight), _full_parameter(getattr(module, "bias", None))
+    if is_vocab_parallel_head(module):  # sharded on purpose: the vocabulary-parallel head reads the shards
+        weight, bias = module.weight, getattr(module, "bias", None)
+    else:
+        weight, bias = _full_parameter(module.weight), _full_parameter(getattr(module, "bias", None))
     dtype = autocast or weight.dtype
     hidden = hidden.to(device=weight.device, dtype=dtype)
     return HeadInputs(hidden, weight.to(dtype), None if bias is None else bias.to(dtype), **logit_transforms(lm))
