@@ -180,7 +180,7 @@ def forward_hidden(model: torch.nn.Module, batch: PackedBatch) -> HeadInputs:
     """Run `model(...)` (its outermost __call__) on a packed batch; return the LM head's inputs (HeadInputs).
 
     A forward pre-hook on the head module(s) records the last hidden states (final norm applied), the
-    module that ran and the autocast dtype in force, and passes an empty slice on: the head computes [R, 0, V].
+    module that ran and the autocast dtype in force, and passes an empty slice on (one position for a vocabulary-parallel head).
     """
     lm = unwrap_causal_lm(model)
     leaves = _head_leaves(lm)
@@ -192,7 +192,10 @@ def forward_hidden(model: torch.nn.Module, batch: PackedBatch) -> HeadInputs:
         device_type = hidden.device.type
         autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         captured.append((module, hidden, autocast))
-        return (hidden[..., :0, :],) + tuple(args[1:])
+        # the head then computes [R, 0, V]; a vocabulary-parallel (DTensor) head cannot shard an empty
+        # sequence, so it gets one position ([R, 1, V], discarded)
+        keep = 1 if is_vocab_parallel_head(module) else 0
+        return (hidden[..., :keep, :],) + tuple(args[1:])
 
     handles = [leaf.register_forward_pre_hook(capture) for leaf in leaves]
     try:
