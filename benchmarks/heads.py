@@ -265,8 +265,8 @@ def build_full_logits(inp: HeadInputs):
 
 def reference_losses(inp: HeadInputs) -> dict:
     """float64 loss on the same inputs (accuracy column; not timed), and the same float64 per-token log-probs
-    summed per sequence in fp32, by fastdpo's segment_sum and by torch.sum: how much of an implementation's
-    loss error comes from the order of its fp32 per-sequence sum alone."""
+    rounded to fp32 and summed per sequence by fastdpo's segment_sum and by fp32 torch.sum: how much of an
+    implementation's loss error comes from its per-sequence sum alone."""
     h, rh, tgt = shifted(inp)
     mask = tgt != IGNORE_INDEX
 
