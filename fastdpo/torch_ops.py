@@ -100,6 +100,19 @@ def _dlogp_dx_(z, lse, targets, grad, transform):
     return z if slope is None else z.mul_(slope)
 
 
+def _reduce_to_grad_(z, targets, transform):
+    """`_reduce`, then z overwritten in place with U = (onehot(targets) - softmax(z)) * dz/dx (one exp pass)."""
+    slope = transform.slope(z)  # taken before z is overwritten
+    logit_sum, target_logit = z.sum(dim=1), z.gather(1, targets[:, None]).squeeze(1)
+    shift = _shift(z.amax(dim=1))
+    sum_exp = z.sub_(shift[:, None]).exp_().sum(dim=1)
+    log_sum_exp = sum_exp.log()
+    z.div_(-sum_exp[:, None]).scatter_add_(1, targets[:, None], torch.ones_like(sum_exp[:, None]))
+    if slope is not None:
+        z.mul_(slope)
+    return (target_logit - shift) - log_sum_exp, shift + log_sum_exp, logit_sum
+
+
 # ----------------------------------------------------------------------------- materialised logits
 
 def row_logps_forward(logits, targets, *, logit_scale=1.0, softcap=None, temperature=1.0, write_grad=False):
@@ -111,12 +124,20 @@ def row_logps_forward(logits, targets, *, logit_scale=1.0, softcap=None, tempera
     N, V = logits.shape
     dtype, transform = math_dtype(logits), Transform(logit_scale, softcap, temperature)
     row_logp, lse, logit_sum = (torch.zeros(N, device=logits.device, dtype=dtype) for _ in range(3))
+    if write_grad and logits.dtype == dtype and bool((targets >= 0).all()):
+        # the head's stored mode: every row is scored and logits is its scratch buffer, worked on in place
+        for part in _chunks(torch.arange(N, device=logits.device), V):
+            rows = slice(int(part[0]), int(part[-1]) + 1)
+            z = transform.apply_(logits[rows])
+            row_logp[rows], lse[rows], logit_sum[rows] = _reduce_to_grad_(z, targets[rows], transform)
+        return row_logp, lse, logit_sum
     for rows in _chunks(torch.nonzero(targets >= 0).squeeze(1), V):
         z, row_targets = transform.apply_(logits.index_select(0, rows).to(dtype)), targets[rows]
-        row_logp[rows], lse[rows], logit_sum[rows] = _reduce(z, row_targets)
         if write_grad:
-            ones = torch.ones_like(lse[rows])
-            logits[rows] = _dlogp_dx_(z, lse[rows], row_targets, ones, transform).to(logits.dtype)
+            row_logp[rows], lse[rows], logit_sum[rows] = _reduce_to_grad_(z, row_targets, transform)
+            logits[rows] = z.to(logits.dtype)
+        else:
+            row_logp[rows], lse[rows], logit_sum[rows] = _reduce(z, row_targets)
     if write_grad:
         logits[targets < 0] = 0
     return row_logp, lse, logit_sum
