@@ -6,10 +6,10 @@ import torch
 from .head import HEAD_MODES
 from .ops import BACKENDS, linear_sequence_logps, logits_sequence_logps
 from .parallel import is_vocab_sharded, vocab_parallel_sequence_logps
+from .torch_ops import FP32_PRECISIONS
 from .validate import check_bool, check_choice, check_int, check_real, check_same_device, check_tensor, require
 
 INDEX_DTYPES = (torch.int64, torch.int32)
-FP32_PRECISIONS = ("ieee", "tf32")
 DEFAULT_HEAD_OPTIONS = dict(head_mode="auto", head_memory_budget=None, fp32_precision="ieee")
 
 

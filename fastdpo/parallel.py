@@ -43,13 +43,9 @@ import torch.distributed as dist
 from .head import FusedHead, make_head
 from .ops import resolve_backend
 from .torch_ops import Transform, math_dtype, matmul_precision
+from .validate import require
 
 MAX, SUM_EXP, TARGET, LOGIT_SUM, FINGERPRINT = range(5)  # channels of the gathered partials
-
-
-def _require(condition, message):
-    if not condition:
-        raise ValueError(message)
 
 
 def is_vocab_sharded(weight):
@@ -77,7 +73,7 @@ def shard_lm_head(model, mesh):
 
     lm = unwrap_causal_lm(model)
     head, embedding = lm.get_output_embeddings(), lm.get_input_embeddings()
-    _require(embedding is None or head.weight is not embedding.weight,
+    require(embedding is None or head.weight is not embedding.weight,
              "the output embedding is tied to the input embedding (tie_word_embeddings=True); sharding it would "
              "shard the input embedding too: untie it first")
     name = next(name for name, module in lm.named_modules() if module is head)
@@ -96,7 +92,7 @@ def _local_shard(name, tensor, mesh):
     """The local shard of a DTensor `tensor` with placements (Shard(0),) on `mesh` (differentiable)."""
     from torch.distributed.tensor import DTensor, Shard
 
-    _require(isinstance(tensor, DTensor) and tensor.device_mesh == mesh and tuple(tensor.placements) == (Shard(0),),
+    require(isinstance(tensor, DTensor) and tensor.device_mesh == mesh and tuple(tensor.placements) == (Shard(0),),
              f"{name} must be a DTensor sharded along the vocabulary, placements (Shard(0),) on the weight's "
              f"1-D device mesh, got {getattr(tensor, 'placements', type(tensor).__name__)}")
     return tensor.to_local()
@@ -108,11 +104,11 @@ def _unshard_inputs(hidden, weight, bias):
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     mesh = weight.device_mesh
-    _require(mesh.ndim == 1, f"weight must be sharded on a 1-D device mesh, got a {mesh.ndim}-D mesh")
+    require(mesh.ndim == 1, f"weight must be sharded on a 1-D device mesh, got a {mesh.ndim}-D mesh")
     local_weight = _local_shard("weight", weight, mesh)
     local_bias = None if bias is None else _local_shard("bias", bias, mesh)
     if isinstance(hidden, DTensor):
-        _require(all(isinstance(p, Replicate) for p in hidden.placements),
+        require(all(isinstance(p, Replicate) for p in hidden.placements),
                  f"hidden must be replicated on every rank (plain tensor or DTensor with Replicate placements), "
                  f"got placements {hidden.placements}")
         hidden = hidden.to_local()
@@ -186,20 +182,20 @@ def _shard_layout(targets, local_vocab, vocab_offset, group):
     meta = torch.tensor([targets.numel(), local_vocab, -1 if vocab_offset is None else vocab_offset, low, high])
     meta = _all_gather(meta.to(targets.device), group).cpu()
     rows, sizes, begins = meta[:, 0], meta[:, 1], meta[:, 2]
-    _require(bool((rows == rows[0]).all()),
+    require(bool((rows == rows[0]).all()),
              f"every rank must score the same tokens (hidden and labels replicated), got {rows.tolist()} scored "
              f"tokens per rank")
-    _require(bool((sizes > 0).all()), f"every rank's weight shard must hold at least one vocabulary row, got "
+    require(bool((sizes > 0).all()), f"every rank's weight shard must hold at least one vocabulary row, got "
              f"shard sizes {sizes.tolist()}")
-    _require(bool((begins < 0).all() or (begins >= 0).all()), "vocab_offset must be given on every rank or on none")
+    require(bool((begins < 0).all() or (begins >= 0).all()), "vocab_offset must be given on every rank or on none")
     if bool((begins < 0).all()):  # equal or unequal contiguous shards in rank order
         begins = torch.cumsum(sizes, 0) - sizes
     order = torch.argsort(begins)
     tiled = bool((begins[order][0] == 0) and (begins[order][1:] == (begins + sizes)[order][:-1]).all())
-    _require(tiled, f"the weight shards must tile the vocabulary without gaps or overlaps, got "
+    require(tiled, f"the weight shards must tile the vocabulary without gaps or overlaps, got "
              f"[begin, end) = {list(zip(begins.tolist(), (begins + sizes).tolist()))}")
     vocab_size = int(sizes.sum())
-    _require(bool((meta[:, 3] >= 0).all() and (meta[:, 4] < vocab_size).all()),
+    require(bool((meta[:, 3] >= 0).all() and (meta[:, 4] < vocab_size).all()),
              f"targets of scored tokens must lie in [0, {vocab_size}), got [{int(meta[:, 3].min())}, "
              f"{int(meta[:, 4].max())}]")
     return begins, begins + sizes
@@ -207,7 +203,7 @@ def _shard_layout(targets, local_vocab, vocab_offset, group):
 
 def _merge(gathered, targets, begins, ends):
     """Merge [W, 5, M] partials in rank order -> (row_logp, lse, logit_sum) [M]; same bits on every rank."""
-    _require(bool((gathered[:, FINGERPRINT] == gathered[0, FINGERPRINT]).all()),
+    require(bool((gathered[:, FINGERPRINT] == gathered[0, FINGERPRINT]).all()),
              "hidden states and labels must be identical on every rank of the process group (the vocabulary-"
              "parallel head needs replicated tokens; data-parallel ranks must not share a sharded head)")
     row_max = gathered[:, MAX].amax(dim=0)
@@ -311,18 +307,18 @@ def vocab_parallel_sequence_logps(hidden, weight, bias, targets, seq_index, num_
     [M] index of tokens with a target (built here when None).
     """
     if is_vocab_sharded(weight):
-        _require(process_group is None and vocab_offset is None,
+        require(process_group is None and vocab_offset is None,
                  "process_group and vocab_offset come from the DTensor weight's mesh; do not pass them with it")
         hidden, weight, bias, process_group, vocab_offset = _unshard_inputs(hidden, weight, bias)
-    _require(process_group is not None, "a vocabulary-parallel head needs a DTensor weight or process_group=")
-    _require(weight.dim() == 2 and hidden.dim() == 2 and hidden.shape[1] == weight.shape[1],
+    require(process_group is not None, "a vocabulary-parallel head needs a DTensor weight or process_group=")
+    require(weight.dim() == 2 and hidden.dim() == 2 and hidden.shape[1] == weight.shape[1],
              f"hidden must be [N, D] and the weight shard [V_r, D], got {tuple(hidden.shape)} and "
              f"{tuple(weight.shape)}")
-    _require(hidden.dtype == weight.dtype, f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
-    _require(bias is None or (bias.shape == weight.shape[:1] and bias.dtype == weight.dtype),
+    require(hidden.dtype == weight.dtype, f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
+    require(bias is None or (bias.shape == weight.shape[:1] and bias.dtype == weight.dtype),
              f"bias shard must have shape ({weight.shape[0]},) and dtype {weight.dtype}")
-    _require(softcap is None or softcap > 0, f"softcap must be None or > 0, got {softcap}")
-    _require(temperature > 0, f"temperature must be > 0, got {temperature}")
+    require(softcap is None or softcap > 0, f"softcap must be None or > 0, got {softcap}")
+    require(temperature > 0, f"temperature must be > 0, got {temperature}")
     if rows is None:
         rows = torch.nonzero(seq_index >= 0).squeeze(1)
     row_targets, seq_of_rows = targets[rows].contiguous(), seq_index[rows].contiguous()
@@ -330,7 +326,7 @@ def vocab_parallel_sequence_logps(hidden, weight, bias, targets, seq_index, num_
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     head = make_head(impl, head_mode=head_mode, head_memory_budget=head_memory_budget, weight=weight,
                      num_rows=rows.numel(), transforms={}, fp32_precision=fp32_precision, needs_grad=needs_grad)
-    _require(not isinstance(head, FusedHead), "head_mode='fused' is not available with a vocabulary-sharded weight "
+    require(not isinstance(head, FusedHead), "head_mode='fused' is not available with a vocabulary-sharded weight "
              "(the fused kernels do not return the per-shard max and sum-exp the exact merge needs); use "
              "'stored', 'recompute' or 'auto'")
     begins, ends = _shard_layout(row_targets, weight.shape[0], vocab_offset, process_group)
