@@ -2,21 +2,32 @@
 
 Four head modes (FLOPs per scored token, V = vocabulary, D = hidden size):
 
-  "stored"     forward X_c = H_c @ W^T (+ b) per chunk of scored rows (2VD), then the backend's row
-               function reduces X and overwrites it in place with U = d row_logp / dX (write_grad). Backward
-               needs no recompute: grad_hidden = g * (U @ W), grad_weight = U^T @ (g * H), grad_bias = U^T g.
-               Policy forward + backward 6VD (frozen head: 4VD). Keeps U: M x V in the input dtype.
-  "recompute"  forward keeps only the per-row log-sum-exp; backward recomputes X_c, forms g * U in place
-               (row_logps_backward) and runs the same two GEMMs: 8VD (frozen head: 6VD). Keeps one
-               [chunk, V] working buffer.
+  "stored"     forward X_c = H_c @ W^T (+ b) per chunk of scored rows (2VD) in fp32, then the backend's row
+               function reduces X_c and writes U = d row_logp / dX (write_grad) into the kept [M, V] buffer in
+               the input dtype. Backward needs no recompute: one GEMM per gradient over the whole U:
+               grad_hidden = g * (U @ W), grad_weight = U^T @ (g * H), grad_bias = U^T g. Policy forward +
+               backward 6VD (frozen head: 4VD).
+  "recompute"  forward keeps only the per-row softmax stats; backward recomputes X_c in fp32, forms g * U
+               (row_logps_backward) and runs the same two GEMMs per chunk: 8VD (frozen head: 6VD).
   "fused"      the backend's linear_logps_forward / backward (Triton fused kernels, or the PyTorch twin's
                tiles): logits never in memory.
-  "auto"       "stored" when M x V x itemsize fits head_memory_budget, else "recompute".
+  "auto"       "stored" when it fits head_memory_budget, else "recompute".
 
 Without grad (the reference model) every mode but "fused" runs the forward GEMM per chunk only: 2VD, nothing
-kept. Matrix products are plain torch matmuls (cuBLAS on CUDA) in the input dtype with fp32 accumulation;
-grad_weight accumulates in fp32 across chunks in a fixed order, grad_bias likewise: no atomics, bitwise
-deterministic on a given device.
+kept, chunks within the budget.
+
+Precision: the row functions always see logits in the math dtype (fp32; fp64 for fp64 inputs): for 16-bit
+inputs the logits GEMM accumulates in fp32 and writes fp32 (CUDA: torch.mm(..., out_dtype=torch.float32);
+CPU, where torch 2.13 has no such kernel: the operands are upcast, a transient V x D fp32 copy of the
+weight). U is kept in the input dtype. grad_hidden rows and, with one chunk, grad_weight / grad_bias come
+out of one GEMM each in their final dtype; with several chunks the grad_weight partials are summed in an fp32
+accumulator (fixed order) and cast once. Matrix products run under `matmul_precision` (exact fp32 or TF32 as
+asked, and no reduced-precision bf16/fp16 reductions). No atomics: bitwise deterministic on a given device.
+
+Memory (bytes beyond the inputs, s = input itemsize, f = 4 (8 for fp64), C = chunk rows): stored M V s
+(+ C V f of fp32 logits for 16-bit inputs); recompute C V f (+ C V s for 16-bit inputs); reference C V f.
+The budget is a fixed setting (head_memory_budget, default `default_head_memory_budget`), never the free
+memory at call time, so the mode, the chunking and the bits are the same on every step.
 """
 import numbers
 
@@ -25,16 +36,32 @@ import torch
 from .torch_ops import check_fp32_precision, math_dtype, matmul_precision
 
 HEAD_MODES = ("auto", "stored", "recompute", "fused")
-CPU_HEAD_MEMORY_BUDGET = 256 << 20  # bytes
-CUDA_FREE_MEMORY_FRACTION = 0.25  # of the free device memory at call time (torch.cuda.mem_get_info)
+CPU_HEAD_MEMORY_BUDGET = 1 << 30  # bytes
+CUDA_HEAD_MEMORY_FRACTION = 1 / 8  # of the device's total memory (a property of the device: the same every step)
+MIN_SCRATCH_ROWS = 64  # fp32 logits rows a 16-bit "stored" head needs beside U (fewer make the GEMMs too thin)
 
 
 def default_head_memory_budget(device):
-    """Bytes the head may keep for logits: 256 MiB on CPU, a quarter of the free memory on CUDA."""
+    """Bytes the head may hold for logits: 1 GiB on CPU, 1/8 of the device's total memory on CUDA (fixed per
+    device, never the instantaneous free memory, which the caching allocator makes vary from step to step)."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * CUDA_FREE_MEMORY_FRACTION)
+        return int(torch.cuda.get_device_properties(device).total_memory * CUDA_HEAD_MEMORY_FRACTION)
     return CPU_HEAD_MEMORY_BUDGET
+
+
+def head_plan(*, head_mode, budget, num_rows, vocab_size, dtype):
+    """(store, chunk_rows) of a GEMM head: whether U is kept, and the rows per chunk of fp32 logits."""
+    itemsize, math_size = dtype.itemsize, 8 if dtype == torch.float64 else 4
+    separate = itemsize != math_size  # 16-bit inputs: fp32 logits in a scratch beside U / dX
+    kept = num_rows * vocab_size * itemsize
+    store = head_mode == "stored" or (
+        head_mode == "auto" and kept + separate * min(num_rows, MIN_SCRATCH_ROWS) * vocab_size * math_size <= budget)
+    if store:
+        if not separate:
+            return True, max(1, num_rows)  # the GEMM writes U's buffer directly: one chunk
+        return True, max(1, min(num_rows, max(MIN_SCRATCH_ROWS, (budget - kept) // (vocab_size * math_size))))
+    row_bytes = vocab_size * (math_size + separate * itemsize)
+    return False, max(1, budget // row_bytes)
 
 
 def make_head(impl, *, head_mode, head_memory_budget, weight, num_rows, transforms, fp32_precision, needs_grad):
@@ -57,9 +84,11 @@ def make_head(impl, *, head_mode, head_memory_budget, weight, num_rows, transfor
     if head_mode == "stored" and head_memory_budget is not None and needs_grad and stored_bytes > budget:
         raise ValueError(f"head_mode='stored' keeps {stored_bytes} bytes of logits, more than "
                          f"head_memory_budget={head_memory_budget}; raise the budget or use 'recompute'/'auto'")
-    store = head_mode == "stored" or (head_mode == "auto" and stored_bytes <= budget)
-    chunk_rows = max(1, budget // (weight.shape[0] * weight.element_size()))
-    return GemmHead(impl, transforms, fp32_precision, store=store, chunk_rows=chunk_rows)
+    plan = dict(budget=budget, num_rows=num_rows, vocab_size=weight.shape[0], dtype=weight.dtype)
+    store, chunk_rows = head_plan(head_mode=head_mode, **plan) if needs_grad else (False, 0)
+    reference_rows = head_plan(head_mode="recompute", **plan)[1]
+    return GemmHead(impl, transforms, fp32_precision, store=store, chunk_rows=chunk_rows or reference_rows,
+                    reference_rows=reference_rows)
 
 
 class FusedHead:
@@ -68,96 +97,145 @@ class FusedHead:
     def __init__(self, impl, transforms, fp32_precision):
         self.impl, self.transforms, self.fp32_precision = impl, transforms, fp32_precision
 
-    def forward(self, hidden, weight, bias, rows, targets, *, keep):
-        """-> (row_logp [M], logit_sum [M], tensors for backward)."""
-        row_logp, lse, logit_sum = self.impl.linear_logps_forward(
+    def forward(self, hidden, weight, bias, rows, targets, *, keep, token_stats=False):
+        """-> (row_logp [M], logit_sum [M], tensors for backward, token stats: (entropy, top1) or None)."""
+        if token_stats:
+            raise ValueError("token_stats=True needs the logits rows, which head_mode='fused' never forms: use "
+                             "head_mode 'auto', 'stored' or 'recompute'")
+        row_logp, stats, logit_sum = self.impl.linear_logps_forward(
             hidden, weight, bias, rows, targets, fp32_precision=self.fp32_precision, **self.transforms)
-        return row_logp, logit_sum, (lse,)
+        return row_logp, logit_sum, (stats,), None
 
     def backward(self, hidden, weight, bias, rows, targets, saved, grad_rows, needs):
         """needs = (hidden, weight, bias) flags -> (grad_hidden, grad_weight, grad_bias), None where not needed."""
-        (lse,) = saved
+        (stats,) = saved
         return self.impl.linear_logps_backward(
-            hidden, weight, bias, rows, targets, lse, grad_rows, needs_hidden_grad=needs[0],
+            hidden, weight, bias, rows, targets, stats, grad_rows, needs_hidden_grad=needs[0],
             needs_weight_grad=needs[1], needs_bias_grad=needs[2], fp32_precision=self.fp32_precision,
             **self.transforms)
+
+
+class Products:
+    """The head's matrix products: input-dtype operands, fp32 accumulation, results in the math dtype where
+    the row math or a sum of partials needs them (see the module docstring for the CPU fallback)."""
+
+    def __init__(self, weight):
+        self.math = math_dtype(weight)
+        self.native = weight.dtype == self.math  # fp32 / fp64 inputs: every product is already in the math dtype
+        self.out_dtype = not self.native and weight.device.type == "cuda"
+
+    def mm(self, a, b, out=None):
+        """a @ b in the math dtype (into out when given)."""
+        if self.native:
+            return torch.mm(a, b, out=out)
+        into = {} if out is None else {"out": out}
+        if self.out_dtype:
+            return torch.mm(a, b, out_dtype=self.math, **into)
+        return torch.mm(a.to(self.math), b.to(self.math), **into)
+
+    def add_mm_(self, total, a, b):
+        """total (math dtype) += a @ b, accumulated in the math dtype."""
+        if self.out_dtype:
+            return torch.addmm(total, a, b, out_dtype=self.math, out=total)
+        return total.addmm_(a.to(self.math), b.to(self.math))
 
 
 class GemmHead:
     """head_mode "stored" / "recompute": GEMMs by torch, row work by the backend's row functions."""
 
-    def __init__(self, impl, transforms, fp32_precision, *, store, chunk_rows):
+    def __init__(self, impl, transforms, fp32_precision, *, store, chunk_rows, reference_rows):
         self.impl, self.transforms, self.fp32_precision = impl, transforms, fp32_precision
-        self.store, self.chunk_rows = store, chunk_rows
+        self.store, self.chunk_rows, self.reference_rows = store, chunk_rows, reference_rows
 
-    def _chunks(self, num_rows):
+    @staticmethod
+    def _chunks(num_rows, chunk_rows):
         """Slices of the scored rows, chunk_rows at a time (plain ints: no host sync)."""
-        return [slice(begin, min(begin + self.chunk_rows, num_rows)) for begin in range(0, num_rows, self.chunk_rows)]
+        return [slice(begin, min(begin + chunk_rows, num_rows)) for begin in range(0, num_rows, chunk_rows)]
 
-    def _logits(self, hidden, weight, bias, rows, out):
-        """X = hidden[rows] @ W^T (+ b) written into out [C, V] (input dtype, fp32 accumulation)."""
-        h = hidden.index_select(0, rows)
-        if bias is None:
-            return torch.mm(h, weight.t(), out=out)
-        return torch.addmm(bias, h, weight.t(), out=out)
+    @staticmethod
+    def _logits(products, hidden, weight, bias, rows, out):
+        """X = hidden[rows] @ W^T (+ b) written into out [C, V] in the math dtype (fp32 accumulation)."""
+        x = products.mm(hidden.index_select(0, rows), weight.t(), out=out)
+        return x if bias is None else x.add_(bias)
 
-    def forward(self, hidden, weight, bias, rows, targets, *, keep):
-        """-> (row_logp [M], logit_sum [M], tensors for backward: (U,) stored, (lse,) recompute, () if not keep)."""
+    def forward(self, hidden, weight, bias, rows, targets, *, keep, token_stats=False):
+        """-> (row_logp [M], logit_sum [M], tensors for backward: (U,) stored, (stats,) recompute, () if not keep,
+        (entropy [M], top1 [M] bool) with token_stats, else None)."""
         M, V = rows.numel(), weight.shape[0]
-        store = self.store and keep
-        buffer = hidden.new_empty(M if store else min(M, self.chunk_rows), V)
-        row_logp, logit_sum, lse = (torch.empty(M, device=hidden.device, dtype=math_dtype(hidden)) for _ in range(3))
+        products, store = Products(weight), self.store and keep
+        chunk_rows = self.chunk_rows if keep else self.reference_rows
+        kept = hidden.new_empty(M, V) if store else None  # U, input dtype
+        scratch = kept if store and products.native else torch.empty(
+            min(M, chunk_rows), V, device=hidden.device, dtype=products.math)
+        row_logp, logit_sum, entropy = (torch.empty(M, device=hidden.device, dtype=products.math) for _ in range(3))
+        stats = torch.empty(2, M, device=hidden.device, dtype=products.math)
+        top1 = torch.empty(M, device=hidden.device, dtype=torch.bool) if token_stats else None
         with matmul_precision(self.fp32_precision, hidden.device):
-            for part in self._chunks(M):
-                out = buffer[part] if store else buffer[:part.stop - part.start]
-                logits = self._logits(hidden, weight, bias, rows[part], out)
-                row_logp[part], lse[part], logit_sum[part] = self.impl.row_logps_forward(
-                    logits, targets[part], write_grad=store, **self.transforms)
-        saved = ((buffer,) if store else (lse,)) if keep else ()
-        return row_logp, logit_sum, saved
+            for part in self._chunks(M, chunk_rows):
+                out = scratch[part] if scratch is kept else scratch[:part.stop - part.start]
+                logits = self._logits(products, hidden, weight, bias, rows[part], out)
+                grad_out = None if not store or scratch is kept else kept[part]
+                outs = self.impl.row_logps_forward(logits, targets[part], write_grad=store, grad_out=grad_out,
+                                                   token_stats=token_stats, overwrite=True, **self.transforms)
+                row_logp[part], stats[:, part], logit_sum[part] = outs[:3]
+                if token_stats:
+                    entropy[part], top1[part] = outs[3:]
+        saved = ((kept,) if store else (stats,)) if keep else ()
+        return row_logp, logit_sum, saved, (entropy, top1) if token_stats else None
 
     def backward(self, hidden, weight, bias, rows, targets, saved, grad_rows, needs):
-        """needs = (hidden, weight, bias) flags -> (grad_hidden, grad_weight, grad_bias), None where not needed.
-
-        Per chunk c, dX_c = g_c * U_c: grad_hidden[rows_c] = dX_c @ W, grad_weight += dX_c^T @ H_c,
-        grad_bias += the column sums of dX_c. Stored mode moves g onto the smaller operands instead of U.
-        """
-        M, (V, D) = rows.numel(), weight.shape
-        grad_hidden = torch.zeros_like(hidden) if needs[0] else None
-        grad_weight = grad_bias = None
-        buffer = None if self.store else hidden.new_empty(min(M, self.chunk_rows), V)
+        """needs = (hidden, weight, bias) flags -> (grad_hidden, grad_weight, grad_bias), None where not needed."""
         with matmul_precision(self.fp32_precision, hidden.device):
-            for part in self._chunks(M):
-                h, g = hidden.index_select(0, rows[part]), grad_rows[part]
-                if self.store:
-                    u, h_for_weight = saved[0][part], (h.to(g.dtype) * g[:, None]).to(h.dtype)
-                else:
-                    logits = self._logits(hidden, weight, bias, rows[part], buffer[:part.stop - part.start])
-                    u = self.impl.row_logps_backward(logits, targets[part], saved[0][part], g, out=logits,
-                                                     **self.transforms)
-                    h_for_weight = h
-                if grad_hidden is not None:
-                    grad_h = u @ weight
-                    if self.store:
-                        grad_h = (grad_h.to(g.dtype) * g[:, None]).to(h.dtype)
-                    grad_hidden.index_copy_(0, rows[part], grad_h)
-                if needs[1]:
-                    grad_weight = _accumulate(grad_weight, u.t() @ h_for_weight, g.dtype)
-                if needs[2] and bias is not None:
-                    bias_part = u.t() @ g.to(u.dtype) if self.store else u.sum(dim=0, dtype=g.dtype)
-                    grad_bias = _accumulate(grad_bias, bias_part, g.dtype)
-        grad_weight = _finish(grad_weight, needs[1], (V, D), weight)
-        grad_bias = _finish(grad_bias, needs[2] and bias is not None, (V,), weight)
+            if self.store:
+                return self._stored_backward(hidden, weight, bias, rows, saved[0], grad_rows, needs)
+            return self._recompute_backward(hidden, weight, bias, rows, targets, saved[0], grad_rows, needs)
+
+    @staticmethod
+    def _stored_backward(hidden, weight, bias, rows, u, g, needs):
+        """One GEMM per gradient over the whole U [M, V]; g [M] moves onto the smaller operands."""
+        products = Products(weight)
+        grad_hidden = grad_weight = grad_bias = None
+        h = hidden.index_select(0, rows)
+        if needs[0]:
+            # CPU 16-bit: the product is rounded to the input dtype once before the g scale (no fp32-output GEMM)
+            grad_h = products.mm(u, weight) if products.native or products.out_dtype else torch.mm(u, weight)
+            grad_hidden = torch.zeros_like(hidden).index_copy_(0, rows, (grad_h.to(g.dtype) * g[:, None]).to(h.dtype))
+        if needs[1]:
+            grad_weight = u.t() @ (h.to(g.dtype) * g[:, None]).to(h.dtype)  # final dtype, no round trip
+        if needs[2] and bias is not None:
+            grad_bias = u.t() @ g.to(u.dtype)
         return grad_hidden, grad_weight, grad_bias
 
-
-def _accumulate(total, part, dtype):
-    """total + part in dtype (fp32; fp64 for fp64 inputs), total None for the first chunk; fixed order."""
-    return part.to(dtype) if total is None else total.add_(part)
-
-
-def _finish(total, needed, shape, like):
-    """The accumulated gradient in like's dtype (zeros when no chunk contributed), None when not needed."""
-    if not needed:
-        return None
-    return like.new_zeros(shape) if total is None else total.to(like.dtype)
+    def _recompute_backward(self, hidden, weight, bias, rows, targets, stats, grad_rows, needs):
+        """Per chunk: X_c recomputed in the math dtype, dX_c = g * U_c (input dtype), grad_hidden[rows_c] = dX_c @ W,
+        grad_weight (+)= dX_c^T @ H_c, grad_bias (+)= column sums of dX_c."""
+        M, V = rows.numel(), weight.shape[0]
+        products, chunks = Products(weight), self._chunks(M, self.chunk_rows)
+        scratch = torch.empty(min(M, self.chunk_rows), V, device=hidden.device, dtype=products.math)
+        dx_buffer = scratch if products.native else hidden.new_empty(scratch.shape)
+        grad_hidden = torch.zeros_like(hidden) if needs[0] else None
+        one_chunk, needs_bias = len(chunks) == 1, needs[2] and bias is not None
+        total_weight = None if one_chunk or not needs[1] else torch.zeros(weight.shape, device=weight.device,
+                                                                          dtype=products.math)
+        total_bias = torch.zeros(V, device=weight.device, dtype=products.math) if needs_bias else None
+        grad_weight = None
+        for part in chunks:
+            n = part.stop - part.start
+            logits = self._logits(products, hidden, weight, bias, rows[part], scratch[:n])
+            dx = self.impl.row_logps_backward(logits, targets[part], stats[:, part], grad_rows[part],
+                                              out=dx_buffer[:n], overwrite=True, **self.transforms)
+            h = hidden.index_select(0, rows[part])
+            if needs[0]:
+                grad_hidden.index_copy_(0, rows[part], dx @ weight)  # each row once: final dtype
+            if needs[1] and one_chunk:
+                grad_weight = dx.t() @ h  # final dtype, no round trip
+            elif needs[1]:
+                products.add_mm_(total_weight, dx.t(), h)
+            if needs_bias:
+                total_bias += dx.sum(dim=0, dtype=products.math)
+        if total_weight is not None:
+            grad_weight = total_weight.to(weight.dtype)
+        elif needs[1] and grad_weight is None:  # no scored row
+            grad_weight = torch.zeros_like(weight)
+        grad_bias = total_bias.to(bias.dtype) if needs_bias else None
+        return grad_hidden, grad_weight, grad_bias

@@ -26,32 +26,33 @@ def check_fp32_precision(fp32_precision):
 
 @contextlib.contextmanager
 def matmul_precision(fp32_precision, device):
-    """fp32 matrix products inside the block: exact ("ieee") or TF32 tensor cores allowed ("tf32", CUDA only).
+    """fp32 matrix products inside the block: exact ("ieee") or TF32 tensor cores allowed ("tf32", CUDA only),
+    and on CUDA no reduced-precision reductions in bf16/fp16 GEMMs (allow_bf16/fp16_reduced_precision_reduction
+    = False: split-K partials are summed in fp32, whatever torch's default says).
 
-    Set explicitly (and restored after), never inherited from torch.backends.*.allow_tf32. On CPU products
-    are always exact: TF32 is a permission, not a request.
+    Set explicitly (and restored after), never inherited from torch.backends.*. On CPU products are always
+    exact: TF32 is a permission, not a request.
     """
     check_fp32_precision(fp32_precision)
     if device.type == "cuda":
-        flags, wanted = torch.backends.cuda.matmul, fp32_precision
+        flags = torch.backends.cuda.matmul
+        wanted = dict(fp32_precision=fp32_precision, allow_bf16_reduced_precision_reduction=False,
+                      allow_fp16_reduced_precision_reduction=False)
     else:
-        flags, wanted = torch.backends.mkldnn.matmul, "ieee"
-    saved = flags.fp32_precision
-    flags.fp32_precision = wanted
+        flags, wanted = torch.backends.mkldnn.matmul, dict(fp32_precision="ieee")
+    saved = {name: getattr(flags, name) for name in wanted}
+    for name, value in wanted.items():
+        setattr(flags, name, value)
     try:
         yield
     finally:
-        flags.fp32_precision = saved
+        for name, value in saved.items():
+            setattr(flags, name, value)
 
 
 def math_dtype(tensor):
     """fp32, or fp64 for fp64 tensors: the dtype of all row math and of the per-row outputs."""
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
-
-
-def _chunks(index, vocab_size):
-    rows_per_chunk = max(1, CHUNK_ELEMENTS // vocab_size)
-    return index.split(rows_per_chunk)
 
 
 class Transform:
@@ -84,81 +85,122 @@ def _shift(row_max):
     return torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
 
 
-def _reduce(z, targets):
-    """z [C, V] final logits (math dtype, unchanged), targets [C] in [0, V) -> (row_logp, lse, logit_sum) [C]."""
+def _softmax_stats(z):
+    """z [C, V] final logits -> (shift, log_sum_exp) [C]: the row max (0 for a row of -inf) and
+    log sum_v exp(z_v - shift). lse = shift + log_sum_exp; softmax = exp((z - shift) - log_sum_exp)."""
     shift = _shift(z.amax(dim=1))
-    log_sum_exp = (z - shift[:, None]).exp_().sum(dim=1).log_()
-    row_logp = (z.gather(1, targets[:, None]).squeeze(1) - shift) - log_sum_exp
-    return row_logp, shift + log_sum_exp, z.sum(dim=1)
+    return shift, (z - shift[:, None]).exp_().sum(dim=1).log_()
 
 
-def _dlogp_dx_(z, lse, targets, grad, transform):
-    """In place: final logits z [C, V] -> grad[:, None] * (onehot(targets) - softmax(z)) * dz/dx."""
-    slope = transform.slope(z)  # taken before z is overwritten
-    z.sub_(lse[:, None]).exp_().mul_(-grad[:, None])
-    z.scatter_add_(1, targets[:, None], grad[:, None])
-    return z if slope is None else z.mul_(slope)
+def _token_stats(z, targets, shift, log_sum_exp):
+    """(entropy, top-1 hit) [C] of final logits z [C, V]: -sum_v p_v log p_v = log_sum_exp - sum_v p_v (z_v -
+    shift), and argmax_v z_v == target (the first maximum, as torch.argmax)."""
+    centred = z - shift[:, None]
+    probs = (centred - log_sum_exp[:, None]).exp_()
+    entropy = log_sum_exp - (probs * centred).sum(dim=1)
+    return entropy, z.argmax(dim=1) == targets
 
 
-def _reduce_to_grad_(z, targets, transform):
-    """`_reduce`, then z overwritten in place with U = (onehot(targets) - softmax(z)) * dz/dx (one exp pass)."""
-    slope = transform.slope(z)  # taken before z is overwritten
+def _reduce_(z, targets, transform, write_grad):
+    """z [C, V] final logits (math dtype; overwritten: exp(z - shift), or U with write_grad), targets [C] in
+    [0, V) -> (row_logp, shift, log_sum_exp, logit_sum) [C], with one exp pass.
+
+    write_grad leaves U = (onehot(targets) - softmax(z)) * dz/dx in z."""
+    slope = transform.slope(z) if write_grad else None  # taken before z is overwritten
     logit_sum, target_logit = z.sum(dim=1), z.gather(1, targets[:, None]).squeeze(1)
     shift = _shift(z.amax(dim=1))
     sum_exp = z.sub_(shift[:, None]).exp_().sum(dim=1)
     log_sum_exp = sum_exp.log()
-    z.div_(-sum_exp[:, None]).scatter_add_(1, targets[:, None], torch.ones_like(sum_exp[:, None]))
-    if slope is not None:
-        z.mul_(slope)
-    return (target_logit - shift) - log_sum_exp, shift + log_sum_exp, logit_sum
+    if write_grad:
+        z.div_(-sum_exp[:, None]).scatter_add_(1, targets[:, None], torch.ones_like(sum_exp[:, None]))
+        if slope is not None:
+            z.mul_(slope)
+    return (target_logit - shift) - log_sum_exp, shift, log_sum_exp, logit_sum
+
+
+def _dlogp_dx_(z, stats, targets, grad, transform):
+    """In place: final logits z [C, V] -> grad[:, None] * (onehot(targets) - softmax(z)) * dz/dx, the softmax
+    as exp((z - shift) - log_sum_exp) from stats [2, C] (no z - lse cancellation at large logits)."""
+    slope = transform.slope(z)  # taken before z is overwritten
+    z.sub_(stats[0][:, None]).sub_(stats[1][:, None]).exp_().mul_(-grad[:, None])
+    z.scatter_add_(1, targets[:, None], grad[:, None])
+    return z if slope is None else z.mul_(slope)
+
+
+def _row_blocks(targets, vocab_size):
+    """Row blocks of at most CHUNK_ELEMENTS elements: slices when every row has a target (views, no copies),
+    else index tensors of the rows with a target."""
+    rows_per_chunk = max(1, CHUNK_ELEMENTS // vocab_size)
+    N = targets.shape[0]
+    if bool((targets >= 0).all()):
+        return [slice(begin, min(begin + rows_per_chunk, N)) for begin in range(0, N, rows_per_chunk)]
+    return torch.nonzero(targets >= 0).squeeze(1).split(rows_per_chunk)
+
+
+def _math_rows(logits, rows, dtype, in_place):
+    """(the rows of logits as a math-dtype tile, whether it is a view): a view when in_place allows it (a slice
+    of math-dtype logits), else a copy."""
+    if in_place and isinstance(rows, slice) and logits.dtype == dtype:
+        return logits[rows], True
+    if isinstance(rows, slice):
+        return logits[rows].to(dtype, copy=True), False
+    return logits.index_select(0, rows).to(dtype), False
 
 
 # ----------------------------------------------------------------------------- materialised logits
 
-def row_logps_forward(logits, targets, *, logit_scale=1.0, softcap=None, temperature=1.0, write_grad=False):
-    """logits [N, V] (raw x), targets [N] int64 (-1 = no target) -> (row_logp, lse, logit_sum) [N] fp32.
+def row_logps_forward(logits, targets, *, logit_scale=1.0, softcap=None, temperature=1.0, write_grad=False,
+                      grad_out=None, token_stats=False, overwrite=False):
+    """logits [N, V] (raw x), targets [N] int64 (-1 = no target) -> (row_logp [N], stats [2, N], logit_sum [N])
+    in the math dtype, plus (entropy [N], top1 [N] bool) with token_stats=True.
 
-    Rows without a target give 0 in all three. write_grad=True then overwrites `logits` in place (its
-    dtype) with U = (onehot(t) - softmax(z)) * dz/dx, 0 on rows without a target.
+    stats = (shift, log_sum_exp): the row max of z (0 for a row of -inf) and log sum_v exp(z_v - shift), so
+    lse = shift + log_sum_exp; row_backward takes the softmax from both without cancellation. Rows without a
+    target give 0 everywhere. write_grad=True writes U = (onehot(t) - softmax(z)) * dz/dx into grad_out [N, V]
+    (any float dtype; default: `logits` itself), 0 on rows without a target. overwrite=True lets the
+    function use `logits` as scratch (its values are lost).
     """
     N, V = logits.shape
     dtype, transform = math_dtype(logits), Transform(logit_scale, softcap, temperature)
-    row_logp, lse, logit_sum = (torch.zeros(N, device=logits.device, dtype=dtype) for _ in range(3))
-    if write_grad and logits.dtype == dtype and bool((targets >= 0).all()):
-        # the head's stored mode: every row is scored and logits is its scratch buffer, worked on in place
-        for part in _chunks(torch.arange(N, device=logits.device), V):
-            rows = slice(int(part[0]), int(part[-1]) + 1)
-            z = transform.apply_(logits[rows])
-            row_logp[rows], lse[rows], logit_sum[rows] = _reduce_to_grad_(z, targets[rows], transform)
-        return row_logp, lse, logit_sum
-    for rows in _chunks(torch.nonzero(targets >= 0).squeeze(1), V):
-        z, row_targets = transform.apply_(logits.index_select(0, rows).to(dtype)), targets[rows]
-        if write_grad:
-            row_logp[rows], lse[rows], logit_sum[rows] = _reduce_to_grad_(z, row_targets, transform)
-            logits[rows] = z.to(logits.dtype)
-        else:
-            row_logp[rows], lse[rows], logit_sum[rows] = _reduce(z, row_targets)
-    if write_grad:
-        logits[targets < 0] = 0
-    return row_logp, lse, logit_sum
+    grad = logits if grad_out is None else grad_out
+    outs = torch.zeros(6 if token_stats else 4, N, device=logits.device, dtype=dtype)
+    top1 = torch.zeros(N, device=logits.device, dtype=torch.bool) if token_stats else None
+    in_place = overwrite or (write_grad and grad_out is None)
+    for rows in _row_blocks(targets, V):
+        z, is_view = _math_rows(logits, rows, dtype, in_place)
+        z, row_targets = transform.apply_(z), targets[rows]
+        if token_stats:
+            shift, log_sum_exp = _softmax_stats(z)
+            outs[4, rows], top1[rows] = _token_stats(z, row_targets, shift, log_sum_exp)
+        outs[:4, rows] = torch.stack(_reduce_(z, row_targets, transform, write_grad))
+        if write_grad and not (is_view and grad is logits):
+            grad[rows] = z.to(grad.dtype)
+    if write_grad and not bool((targets >= 0).all()):
+        grad[targets < 0] = 0
+    row_logp, stats, logit_sum = outs[0], outs[1:3], outs[3]
+    return (row_logp, stats, logit_sum, outs[4], top1) if token_stats else (row_logp, stats, logit_sum)
 
 
-def row_logps_backward(logits, targets, lse, grad_rows, *, out=None, logit_scale=1.0, softcap=None,
-                       temperature=1.0):
-    """grad [N, V] (logits dtype) = grad_rows[:, None] * (onehot(targets) - softmax(z)) * dz/dx.
-
-    Rows with target -1 or grad_rows exactly 0 get 0. `out` may be `logits` itself: each row is read
-    before it is overwritten.
+def row_logps_backward(logits, targets, stats, grad_rows, *, out=None, logit_scale=1.0, softcap=None,
+                       temperature=1.0, overwrite=False):
+    """grad [N, V] (out's dtype, default the logits dtype) = grad_rows[:, None] * (onehot(targets) - softmax(z))
+    * dz/dx, with stats [2, N] from row_logps_forward. Rows with target -1 or grad_rows exactly 0 get 0.
+    `out` may be `logits` itself (each row is read before it is overwritten); overwrite=True lets the function
+    use `logits` as scratch.
     """
     N, V = logits.shape
     dtype, transform = math_dtype(logits), Transform(logit_scale, softcap, temperature)
     active = (targets >= 0) & (grad_rows != 0)
     grad = torch.empty_like(logits) if out is None else out
-    for rows in _chunks(torch.nonzero(active).squeeze(1), V):
-        z = transform.apply_(logits.index_select(0, rows).to(dtype))
-        row_grad = _dlogp_dx_(z, lse[rows].to(dtype), targets[rows], grad_rows[rows].to(dtype), transform)
-        grad[rows] = row_grad.to(grad.dtype)
-    grad[~active] = 0
+    in_place = overwrite or out is logits
+    for rows in _row_blocks(torch.where(active, targets, -1), V):
+        z, is_view = _math_rows(logits, rows, dtype, in_place)
+        row_grad = _dlogp_dx_(transform.apply_(z), stats[:, rows].to(dtype), targets[rows],
+                              grad_rows[rows].to(dtype), transform)
+        if not (is_view and grad is logits):
+            grad[rows] = row_grad.to(grad.dtype)
+    if not bool(active.all()):
+        grad[~active] = 0
     return grad
 
 
@@ -207,15 +249,17 @@ def _targets_in_tile(targets, begin, end):
 def linear_logps_forward(hidden, weight, bias, rows, targets, *, logit_scale=1.0, softcap=None,
                          temperature=1.0, fp32_precision="ieee"):
     """hidden [N, D], weight [V, D], bias [V] | None, rows [M] int64, targets [M] int64 in [0, V)
-    -> (row_logp, lse, logit_sum), each [M] fp32, for z = softcap(scale * (h W^T + b)) / temperature.
+    -> (row_logp [M], stats [2, M], logit_sum [M]) fp32, for z = softcap(scale * (h W^T + b)) / temperature;
+    stats = (shift, log_sum_exp) as in row_logps_forward.
     """
     head = _Head(weight, bias, Transform(logit_scale, softcap, temperature))
     M = rows.numel()
-    row_logp, lse, logit_sum = (torch.zeros(M, device=hidden.device, dtype=head.dtype) for _ in range(3))
+    row_logp, logit_sum = (torch.zeros(M, device=hidden.device, dtype=head.dtype) for _ in range(2))
+    stats = torch.zeros(2, M, device=hidden.device, dtype=head.dtype)
     with matmul_precision(fp32_precision, hidden.device):
         for part in torch.arange(M, device=hidden.device).split(TILE_ROWS):
             h, tgt = hidden.index_select(0, rows[part]).to(head.dtype), targets[part]
-            row_max = torch.full_like(lse[part], float("-inf"))
+            row_max = torch.full_like(row_logp[part], float("-inf"))
             sum_exp, z_sum, z_target = (torch.zeros_like(row_max) for _ in range(3))
             for begin, end in head.vocab_tiles:
                 z = head.logits(h, begin, end)
@@ -228,11 +272,11 @@ def linear_logps_forward(hidden, weight, bias, rows, targets, *, logit_scale=1.0
                 row_max = new_max
             shift, log_sum_exp = _shift(row_max), sum_exp.log()
             row_logp[part] = (z_target - shift) - log_sum_exp
-            lse[part], logit_sum[part] = shift + log_sum_exp, z_sum
-    return row_logp, lse, logit_sum
+            stats[0, part], stats[1, part], logit_sum[part] = shift, log_sum_exp, z_sum
+    return row_logp, stats, logit_sum
 
 
-def linear_logps_backward(hidden, weight, bias, rows, targets, lse, grad_rows, *, logit_scale=1.0,
+def linear_logps_backward(hidden, weight, bias, rows, targets, stats, grad_rows, *, logit_scale=1.0,
                           softcap=None, temperature=1.0, needs_hidden_grad=True, needs_weight_grad=True,
                           needs_bias_grad=True, fp32_precision="ieee"):
     """Gradients of sum_m grad_rows[m] * row_logp[m] w.r.t. hidden, weight and bias.
@@ -247,12 +291,12 @@ def linear_logps_backward(hidden, weight, bias, rows, targets, lse, grad_rows, *
     with matmul_precision(fp32_precision, hidden.device):
         for part in torch.nonzero(grad_rows != 0).squeeze(1).split(TILE_ROWS):
             h, tgt = hidden.index_select(0, rows[part]).to(head.dtype), targets[part]
-            g, row_lse = grad_rows[part].to(head.dtype), lse[part].to(head.dtype)
+            g, (shift, log_sum_exp) = grad_rows[part].to(head.dtype), stats[:, part].to(head.dtype)
             grad_h = torch.zeros_like(h)
             for begin, end in head.vocab_tiles:
                 z = head.logits(h, begin, end)
                 slope = head.transform.slope(z)
-                grad_z = z.sub_(row_lse).exp_().mul_(-g)  # g * (onehot - softmax), onehot below
+                grad_z = z.sub_(shift).sub_(log_sum_exp).exp_().mul_(-g)  # g * (onehot - softmax), onehot below
                 inside, offsets = _targets_in_tile(tgt, begin, end)
                 grad_z[offsets, inside] += g[inside]
                 if slope is not None:

@@ -21,7 +21,7 @@ Backward (``linear_logps_backward``), one kernel body, two launches chosen by a 
                         tiles, accumulates dz^T @ hidden into its own slice [split, BLOCK_V rows, D] and
                         dz summed over tokens into its own bias partial.
   Token tiles whose grad_rows are all exactly 0 are skipped (a NaN is not 0: it propagates); rows past the
-  last token of a tile load lse = +inf, so they contribute exactly 0 however large their logits are.
+  last token of a tile load log_sum_exp = +inf, so they contribute exactly 0 however large their logits are.
   Split partials are summed with torch in a fixed order. No atomics: bitwise deterministic for a given
   shape and device.
 fp32 inputs: ``fp32_precision="ieee"`` (default) multiplies exactly (FMA dots), "tf32" allows TF32 tensor
@@ -86,17 +86,18 @@ def _logits_tile(h_rows, w_rows, bias_ptr, mask_m, offs_v, mask_v, D, logit_scal
 
 
 @triton.jit
-def _dlogits(z, lse, g, tgt, offs_v, mask_v, logit_scale, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr,
-             TRANS: tl.constexpr):
-    """d(sum_m g[m] * (z[m, tgt[m]] - lse[m])) / d(raw logits hidden.weight + bias) for one tile (layout as
-    in _logits_tile), fp32. Masked columns give exactly 0; so do rows with g == 0 whose lse is finite, and
-    masked rows, which callers load with lse = +inf (p = 0 however large z is). NaN in g propagates."""
+def _dlogits(z, shift, log_sum_exp, g, tgt, offs_v, mask_v, logit_scale, softcap, inv_temp,
+             HAS_SOFTCAP: tl.constexpr, TRANS: tl.constexpr):
+    """d(sum_m g[m] * row_logp[m]) / d(raw logits hidden.weight + bias) for one tile (layout as in
+    _logits_tile), fp32, with softmax = exp((z - shift) - log_sum_exp) (no z - lse cancellation at large
+    logits). Masked columns give exactly 0; so do rows with g == 0 whose stats are finite, and masked rows,
+    which callers load with log_sum_exp = +inf (p = 0 however large z is). NaN in g propagates."""
     if TRANS:
-        p = tl.exp(z - lse[None, :])
+        p = tl.exp((z - shift[None, :]) - log_sum_exp[None, :])
         onehot = tl.where(offs_v[:, None] == tgt[None, :], 1.0, 0.0)
         dz = tl.where(mask_v[:, None], g[None, :] * (onehot - p), 0.0)
     else:
-        p = tl.exp(z - lse[:, None])
+        p = tl.exp((z - shift[:, None]) - log_sum_exp[:, None])
         onehot = tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0)
         dz = tl.where(mask_v[None, :], g[:, None] * (onehot - p), 0.0)
     if HAS_SOFTCAP:
@@ -198,7 +199,7 @@ def _store_zeros(dst_rows, mask_r, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constex
 
 @triton.jit
 def _linear_logps_bwd_kernel(
-        hidden_ptr, weight_ptr, bias_ptr, rows_ptr, targets_ptr, lse_ptr, grad_ptr, dst_ptr, dbias_ptr,
+        hidden_ptr, weight_ptr, bias_ptr, rows_ptr, targets_ptr, stats_ptr, grad_ptr, dst_ptr, dbias_ptr,
         M, V, D, stride_h, stride_w, stride_dst_split, stride_dst_row,
         outer_lo, outer_hi, dst_row_base, inner_per_split,
         logit_scale, softcap, inv_temp,
@@ -231,7 +232,8 @@ def _linear_logps_bwd_kernel(
             dst_rows = _row_ptrs(dst_base, offs_m - dst_row_base, stride_dst_row, ALIGN)
         if _any_nonzero(g):
             tgt = tl.load(targets_ptr + offs_m, mask=mask_m, other=-1)
-            lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=float("inf"))
+            shift = tl.load(stats_ptr + offs_m, mask=mask_m, other=0.0)
+            log_sum_exp = tl.load(stats_ptr + M + offs_m, mask=mask_m, other=float("inf"))
             h_rows = _row_ptrs(hidden_ptr, rows, stride_h, ALIGN)
             v_lo = pid_s * inner_per_split
             v_hi = tl.minimum(V, v_lo + inner_per_split)
@@ -241,7 +243,7 @@ def _linear_logps_bwd_kernel(
                 w_rows = _row_ptrs(weight_ptr, offs_v, stride_w, ALIGN)
                 z = _logits_tile(h_rows, w_rows, bias_ptr, mask_m, offs_v, mask_v, D, logit_scale, softcap,
                                  inv_temp, HAS_BIAS, HAS_SOFTCAP, False, BLOCK_M, BLOCK_V, BLOCK_D, DOT_PRECISION)
-                dx = _dlogits(z, lse, g, tgt, offs_v, mask_v, logit_scale, softcap, inv_temp, HAS_SOFTCAP,
+                dx = _dlogits(z, shift, log_sum_exp, g, tgt, offs_v, mask_v, logit_scale, softcap, inv_temp, HAS_SOFTCAP,
                               False)
                 _accumulate(dst_rows, mask_m, dx.to(weight_ptr.dtype.element_ty), w_rows, mask_v, D,
                             v0 > v_lo, BLOCK_M, BLOCK_V, BLOCK_D, DOT_PRECISION)
@@ -263,11 +265,12 @@ def _linear_logps_bwd_kernel(
             if _any_nonzero(g):
                 rows = tl.load(rows_ptr + offs_m, mask=mask_m, other=0)
                 tgt = tl.load(targets_ptr + offs_m, mask=mask_m, other=-1)
-                lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=float("inf"))
+                shift = tl.load(stats_ptr + offs_m, mask=mask_m, other=0.0)
+                log_sum_exp = tl.load(stats_ptr + M + offs_m, mask=mask_m, other=float("inf"))
                 h_rows = _row_ptrs(hidden_ptr, rows, stride_h, ALIGN)
                 z = _logits_tile(h_rows, w_rows, bias_ptr, mask_m, offs_v, mask_v, D, logit_scale, softcap,
                                  inv_temp, HAS_BIAS, HAS_SOFTCAP, True, BLOCK_M, BLOCK_V, BLOCK_D, DOT_PRECISION)
-                dx = _dlogits(z, lse, g, tgt, offs_v, mask_v, logit_scale, softcap, inv_temp, HAS_SOFTCAP,
+                dx = _dlogits(z, shift, log_sum_exp, g, tgt, offs_v, mask_v, logit_scale, softcap, inv_temp, HAS_SOFTCAP,
                               True)
                 if COMPUTE_B:
                     db += tl.sum(dx, axis=1)
@@ -365,7 +368,8 @@ def _splits(n_outer_tiles, n_inner_tiles, target, cap):
 
 
 def _merge_forward(part):
-    """[S, 4, M] partials -> (row_logp, lse, logit_sum), fixed-shape reductions (deterministic).
+    """[S, 4, M] partials -> (row_logp [M], stats [2, M] = (row max, log_sum_exp), logit_sum [M]), fixed-shape
+    reductions (deterministic).
 
     With m the exact row max over all splits: row_logp = (z_t - m) - log sum_s psum_s exp(pmax_s - m)
     (no cancellation at large logits; z_t comes from the one split holding the target, the others add 0).
@@ -377,7 +381,7 @@ def _merge_forward(part):
         row_max = pmax.amax(0)
         log_sum_exp = torch.log((psum * torch.exp(pmax - row_max)).sum(0))
         target_z, logit_sum = ptgt.sum(0), plsum.sum(0)
-    return (target_z - row_max) - log_sum_exp, row_max + log_sum_exp, logit_sum
+    return (target_z - row_max) - log_sum_exp, torch.stack([row_max, log_sum_exp]), logit_sum
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,9 +393,9 @@ def linear_logps_forward(hidden, weight, bias, rows, targets, *, logit_scale=1.0
 
     hidden [N, D], weight [V, D], bias [V] or None (all fp32, bf16 or fp16, one dtype); rows [M] int64
     (indices into hidden), targets [M] int64 in [0, V) (not range-checked here: the caller validates
-    labels). Returns (row_logp, lse, logit_sum), each [M]
-    fp32, for z = softcap(logit_scale * (hidden[rows] @ weight.T + bias)) / temperature; row_logp is
-    computed from the exact row max (no cancellation). fp32_precision: "ieee" (exact fp32 products) or
+    labels). Returns (row_logp [M], stats [2, M], logit_sum [M]) fp32, for z = softcap(logit_scale *
+    (hidden[rows] @ weight.T + bias)) / temperature; row_logp is computed from the exact row max m (no
+    cancellation); stats = (m, log sum exp(z - m)) as in row_logps_forward. fp32_precision: "ieee" (exact fp32 products) or
     "tf32" (TF32 tensor cores allowed, fp32 inputs on a GPU only). Saves nothing; extra memory
     O(M * splits). ``blocks=(BLOCK_M, BLOCK_V, BLOCK_D)`` / ``target_programs`` override the tiling (tests).
     """
@@ -402,7 +406,7 @@ def linear_logps_forward(hidden, weight, bias, rows, targets, *, logit_scale=1.0
     dev = hidden.device
     if M == 0:
         e = torch.empty(0, device=dev, dtype=torch.float32)
-        return e, e.clone(), e.clone()
+        return e, torch.empty(2, 0, device=dev, dtype=torch.float32), e.clone()
     bm, bv, bd, nw, ns = _config("fwd", flavour, blocks)
     n_mt, n_vt = triton.cdiv(M, bm), triton.cdiv(V, bv)
     # enough programs when M is small; and, when V is large, a few splits anyway so that the running
@@ -420,13 +424,13 @@ def linear_logps_forward(hidden, weight, bias, rows, targets, *, logit_scale=1.0
     return _merge_forward(part)
 
 
-def linear_logps_backward(hidden, weight, bias, rows, targets, lse, grad_rows, *, logit_scale=1.0,
+def linear_logps_backward(hidden, weight, bias, rows, targets, stats, grad_rows, *, logit_scale=1.0,
                           softcap=None, temperature=1.0, needs_hidden_grad=True, needs_weight_grad=True,
                           needs_bias_grad=True, fp32_precision="ieee", blocks=None, target_programs=None,
                           workspace_bytes=DEFAULT_WORKSPACE_BYTES):
-    """Gradients of sum_m grad_rows[m] * (z[m, targets[m]] - lse[m]) w.r.t. hidden, weight, bias.
+    """Gradients of sum_m grad_rows[m] * row_logp[m] w.r.t. hidden, weight, bias.
 
-    Shapes/dtypes as in ``linear_logps_forward``; lse [M] fp32 (from the forward), grad_rows [M] fp32.
+    Shapes/dtypes as in ``linear_logps_forward``; stats [2, M] fp32 (from the forward), grad_rows [M] fp32.
     ``rows`` must not repeat (each position listed once). Returns (grad_hidden [N, D] | None,
     grad_weight [V, D] | None, grad_bias [V] | None) in the input dtypes; hidden rows not in ``rows``
     get 0. Token tiles whose grad_rows are all exactly 0 are skipped; NaN/inf in grad_rows propagate.
@@ -439,10 +443,10 @@ def linear_logps_backward(hidden, weight, bias, rows, targets, lse, grad_rows, *
     M, V, D = rows.shape[0], weight.shape[0], weight.shape[1]
     N = hidden.shape[0]
     dev, dtype = hidden.device, hidden.dtype
-    for name, t in (("lse", lse), ("grad_rows", grad_rows)):
-        if t.shape != (M,) or t.dtype != torch.float32:
-            raise ValueError(f"{name} must be a float32 [{M}] tensor, got {t.dtype} {tuple(t.shape)}")
-    lse, grad_rows = lse.contiguous(), grad_rows.contiguous()
+    for name, t, shape in (("stats", stats, (2, M)), ("grad_rows", grad_rows, (M,))):
+        if t.shape != shape or t.dtype != torch.float32:
+            raise ValueError(f"{name} must be a float32 {list(shape)} tensor, got {t.dtype} {tuple(t.shape)}")
+    stats, grad_rows = stats.contiguous(), grad_rows.contiguous()
     needs_bias_grad = needs_bias_grad and bias is not None
     grad_hidden = grad_weight = grad_bias = None
     if M == 0:
@@ -455,7 +459,7 @@ def linear_logps_backward(hidden, weight, bias, rows, targets, lse, grad_rows, *
     esz = hidden.element_size()
     bias_arg = hidden if bias is None else bias
     dummy = torch.empty(1, device=dev, dtype=torch.float32)
-    args = (hidden, weight, bias_arg, rows, targets, lse, grad_rows)
+    args = (hidden, weight, bias_arg, rows, targets, stats, grad_rows)
 
     def launch(kind, grid, dst, dbias, dst_strides, outer, inner_per_split, align, **flags):
         bm, bv, bd, nw, ns = _config(kind, flavour, blocks)
@@ -527,7 +531,7 @@ def linear_logps_backward(hidden, weight, bias, rows, targets, lse, grad_rows, *
 # pass computing weight and bias grads).
 # --------------------------------------------------------------------------------------------
 _ARG_TY = {
-    "rows_ptr": "*i64", "targets_ptr": "*i64", "part_ptr": "*fp32", "lse_ptr": "*fp32",
+    "rows_ptr": "*i64", "targets_ptr": "*i64", "part_ptr": "*fp32", "stats_ptr": "*fp32",
     "grad_ptr": "*fp32", "dst_ptr": "*fp32", "dbias_ptr": "*fp32",
     "logit_scale": "fp32", "softcap": "fp32", "inv_temp": "fp32",
     "stride_dst_split": "i64",

@@ -83,7 +83,7 @@ def test_many_chunks_match_one_chunk_and_float64(mode, backend, device, monkeypa
     budget = 3 * V * itemsize
     if mode == "stored":  # an explicit budget below M x V is refused for "stored": shrink the default
         monkeypatch.setattr(fastdpo.head, "CPU_HEAD_MEMORY_BUDGET", budget)
-        monkeypatch.setattr(fastdpo.head, "CUDA_FREE_MEMORY_FRACTION", 0.0)
+        monkeypatch.setattr(fastdpo.head, "CUDA_HEAD_MEMORY_FRACTION", 0.0)
     options = dict(backend=backend, head_mode=mode, softcap=6.0,
                    head_memory_budget=None if mode == "stored" else budget)
     upstream = torch.randn(S, generator=torch.Generator().manual_seed(3))
@@ -248,3 +248,45 @@ def test_bad_options_are_refused(options, match):
     with pytest.raises(ValueError, match=match):
         _run(_on(torch.device("cpu"), inputs), targets, seq_index, S, torch.ones(S), "cpu", backend="torch",
              **options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES + ["reference"])
+def test_bf16_logps_match_float64_of_the_same_inputs(mode, backend, device):
+    """bf16 inputs: the row math sees fp32 logits in every mode, so the per-sequence log-probs are within 1e-6
+    relative of float64 on the same bf16 values (rounding the logits to bf16 first gives ~1e-4)."""
+    inputs, targets, seq_index, S = _problem(N=40, D=64, V=512, S=4, dtype=torch.bfloat16, seed=21)
+    grad = mode != "reference"
+    inputs = _on(device, inputs, requires_grad=grad)
+    hidden, weight, bias = inputs
+    with torch.set_grad_enabled(grad):
+        logps, _ = linear_sequence_logps(hidden, weight, bias, targets.to(device), seq_index.to(device), S,
+                                         backend=backend, head_mode="auto" if mode == "reference" else mode)
+    expected, _, _ = _expected(inputs, targets, seq_index, S, torch.ones(S), {})
+    assert ((logps.double().cpu() - expected).abs() / expected.abs()).max() <= 1e-6
+
+
+def _exact_large_logits(V=64, D=4, N=12, S=3, seed=22):
+    """fp32 inputs whose logits hidden @ W^T + b lie within 8 of +-1e4 and are exact in fp32 (integer hidden,
+    weights in quarters, bias 1e4 +- eighths): any gradient error is the softmax's own."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randint(-2, 3, (N, D), generator=g).double()
+    weight = torch.randint(-4, 5, (V, D), generator=g).double() / 4
+    sign = torch.where(torch.arange(V) % 2 == 0, 1.0, -1.0).double()
+    bias = 1e4 * sign + torch.randint(-16, 17, (V,), generator=g).double() / 8
+    seq_index = torch.randint(0, S, (N,), generator=g)
+    targets = torch.randint(0, V, (N,), generator=g)
+    return [t.float() for t in (hidden, weight, bias)], targets, seq_index, S
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["stored", "recompute", "fused"])
+def test_gradients_exact_at_logits_near_1e4(mode, backend, device):
+    """softmax in backward as exp((z - max) - log sum exp(z - max)): no fp32 z - lse cancellation (~5e-4)."""
+    inputs, targets, seq_index, S = _exact_large_logits()
+    upstream = torch.randn(S, generator=torch.Generator().manual_seed(23))
+    _, _, grads = _run(_on(device, inputs), targets, seq_index, S, upstream, device, backend=backend,
+                       head_mode=mode)
+    _, _, expected_grads = _expected(inputs, targets, seq_index, S, upstream, {})
+    for name, grad, want in zip(("hidden", "weight", "bias"), grads, expected_grads):
+        assert rel_err(grad, want) <= 1e-5, name

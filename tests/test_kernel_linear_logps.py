@@ -70,7 +70,7 @@ def test_forward_matches_float64_reference(dtype, D, cfg):
     r_logp, r_lse, r_lsum, *_ = reference(hidden, weight, bias, rows, targets, grad_rows, **kw)
     # fp32 outputs whatever the input dtype; bf16 inputs are exact in float64, so the
     # reference error is only the kernel's fp32 arithmetic -> fp32 tolerance for both
-    for a, e, name in ((logp, r_logp, "row_logp"), (lse, r_lse, "lse"), (lsum, r_lsum, "logit_sum")):
+    for a, e, name in ((logp, r_logp, "row_logp"), (lse.sum(0), r_lse, "lse"), (lsum, r_lsum, "logit_sum")):
         check(a, e, torch.float32, name)
 
 
@@ -83,7 +83,7 @@ def test_forward_grouped_launch_order(monkeypatch, programs):
     kw = dict(logit_scale=1.0, softcap=None, temperature=1.0)
     out = linear_logps_forward(hidden, weight, bias, rows, targets, blocks=BLOCKS, target_programs=programs, **kw)
     ref = reference(hidden, weight, bias, rows, targets, grad_rows, **kw)
-    for a, e, name in zip(out, ref, ("row_logp", "lse", "logit_sum")):
+    for a, e, name in zip((out[0], out[1].sum(0), out[2]), ref, ("row_logp", "lse", "logit_sum")):
         check(a, e, torch.float32, name)
 
 
@@ -122,7 +122,7 @@ def test_shipped_block_sizes(dtype):
     logp, lse, lsum = linear_logps_forward(hidden, weight, bias, rows, targets, **kw)
     gh, gw, gb = linear_logps_backward(hidden, weight, bias, rows, targets, lse, grad_rows, **kw)
     ref = reference(hidden, weight, bias, rows, targets, grad_rows, **kw)
-    for a, e, name in zip((logp, lse, lsum), ref[:3], ("row_logp", "lse", "logit_sum")):
+    for a, e, name in zip((logp, lse.sum(0), lsum), ref[:3], ("row_logp", "lse", "logit_sum")):
         check(a, e, torch.float32, name)
     for a, e, name in zip((gh, gw, gb), ref[3:], ("grad_hidden", "grad_weight", "grad_bias")):
         check(a, e, dtype, name)
@@ -174,13 +174,13 @@ def test_unaligned_views_and_empty():
     kw = dict(logit_scale=1.0, softcap=2.0, temperature=1.0, blocks=BLOCKS)
     a = linear_logps_forward(view, weight, bias, rows, targets, **kw)
     b = reference(hidden, weight, bias, rows, targets, grad_rows, 1.0, 2.0, 1.0)
-    check(a[1], b[1], torch.float32, "lse (strided view)")
+    check(a[1].sum(0), b[1], torch.float32, "lse (strided view)")
     gh, _, _ = linear_logps_backward(view, weight, bias, rows, targets, a[1], grad_rows, **kw)
     check(gh, b[3], torch.float32, "grad_hidden (strided view)")
     e = torch.empty(0, dtype=torch.int64)
     out = linear_logps_forward(hidden, weight, bias, e, e, blocks=BLOCKS)
-    assert all(t.shape == (0,) and t.dtype == torch.float32 for t in out)
-    gh, gw, gb = linear_logps_backward(hidden, weight, bias, e, e, torch.empty(0), torch.empty(0),
+    assert out[1].shape == (2, 0) and all(t.shape == (0,) and t.dtype == torch.float32 for t in out[::2])
+    gh, gw, gb = linear_logps_backward(hidden, weight, bias, e, e, torch.empty(2, 0), torch.empty(0),
                                        blocks=BLOCKS)
     assert not gh.any() and not gw.any() and not gb.any()
 
@@ -245,7 +245,7 @@ def test_row_logp_is_exact_at_huge_equal_logits(programs):
     logp, lse, _ = linear_logps_forward(hidden, weight, bias, rows, targets, blocks=BLOCKS,
                                         target_programs=programs)
     assert torch.allclose(logp.double(), torch.full_like(logp, -math.log(V), dtype=torch.float64), rtol=1e-6, atol=0)
-    assert torch.allclose(lse, hidden[rows] @ weight[0] + 1e4 + math.log(V), rtol=1e-6, atol=0)
+    assert torch.allclose(lse.sum(0), hidden[rows] @ weight[0] + 1e4 + math.log(V), rtol=1e-6, atol=0)
 
 
 def test_row_offsets_past_2_31_elements():
@@ -262,7 +262,7 @@ def test_row_offsets_past_2_31_elements():
     out = linear_logps_forward(hidden, weight, None, rows, targets, blocks=BLOCKS, **kw)
     gh, gw, _ = linear_logps_backward(hidden, weight, None, rows, targets, out[1], grad_rows, blocks=BLOCKS, **kw)
     ref = reference(hidden, weight, None, rows, targets, grad_rows, **kw)
-    for a, e, name in zip((*out, gh, gw), (*ref[:3], *ref[3:5]), ("row_logp", "lse", "logit_sum", "gh", "gw")):
+    for a, e, name in zip((out[0], out[1].sum(0), out[2], gh, gw), (*ref[:3], *ref[3:5]), ("row_logp", "lse", "logit_sum", "gh", "gw")):
         check(a, e, torch.float32, name)
 
 
@@ -273,11 +273,13 @@ def test_invalid_options_are_refused():
         with pytest.raises(ValueError, match=message):
             linear_logps_forward(hidden, weight, bias, rows, targets, **kw)
         with pytest.raises(ValueError, match=message):
-            linear_logps_backward(hidden, weight, bias, rows, targets, torch.zeros(4), grad_rows, **kw)
+            linear_logps_backward(hidden, weight, bias, rows, targets, torch.zeros(2, 4), grad_rows, **kw)
     with pytest.raises(ValueError, match="bias must be a torch.float32 \\[203\\]"):
         linear_logps_forward(hidden, weight, bias[:5], rows, targets)
     with pytest.raises(ValueError, match="grad_rows must be a float32"):
-        linear_logps_backward(hidden, weight, bias, rows, targets, torch.zeros(4), grad_rows.double())
+        linear_logps_backward(hidden, weight, bias, rows, targets, torch.zeros(2, 4), grad_rows.double())
+    with pytest.raises(ValueError, match="stats must be a float32 \\[2, 4\\]"):
+        linear_logps_backward(hidden, weight, bias, rows, targets, torch.zeros(4), grad_rows)
 
 
 @pytest.mark.parametrize("case", range(6))
@@ -301,7 +303,7 @@ def test_random_shapes_and_transforms(case):
     z_max = r_lse.abs().max().item() + math.log(V) + 1.0
     z_round = 2.0 ** -22 * z_max
     assert ((logp.double() - r_logp).abs() <= 1e-5 * r_logp.abs() + 1e-6 + 2 * z_round).all()
-    assert ((lse.double() - r_lse).abs() <= 1e-5 * r_lse.abs() + 1e-6 + z_round).all()
+    assert ((lse.double().sum(0) - r_lse).abs() <= 1e-5 * r_lse.abs() + 1e-6 + z_round).all()
     assert ((logit_sum.double() - r_sum).abs() <= 1e-5 * r_sum.abs().max() + 1e-6 + V * z_round).all()
     for name, a, e in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, r_grads):
         if e is not None:
