@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .logps import check_finite_logps, compute_sequence_logps, refuse_head_options_without_head
+from .logps import check_finite_logps, compute_sequence_logps, plan_sequence_logps, refuse_head_options_without_head
 from .losses import check_loss_config, preference_loss
 from .validate import check_bool, check_same_device, check_tensor, require
 
@@ -39,8 +39,8 @@ def _split_pairs(values, name):
 
 
 def _check_ref_logps(ref_logps, policy_logps):
-    """Type, dtype, shape and device of a precomputed ref_logps [2B] (its values are checked later, in the
-    fused check of `_check_results`)."""
+    """Type, dtype, shape and device of a precomputed ref_logps [2B] against a tensor like the policy's log-probs
+    (its values are checked later, in the fused check of `_check_results`)."""
     check_tensor("ref_logps", ref_logps)
     require(ref_logps.dtype in (torch.float32, policy_logps.dtype),
             f"ref_logps must be a float32 tensor of per-sequence log-probs [2B], got {ref_logps.dtype}")
@@ -74,6 +74,15 @@ def _check_results(policy_name, logps, ref_name, ref, ref_is_input, n_tokens, ch
                       f"sign of bad labels or truncation)", EmptySequenceWarning, stacklevel=3)
 
 
+def _token_metrics(token_sums, n_tokens):
+    """TRL's token metrics from the per-sequence sums [S]: entropy (mean over every scored token) and
+    mean_token_accuracy (top-1 hits over the chosen responses' scored tokens)."""
+    entropy_sums, top1_hits = token_sums
+    n_chosen = _split_pairs(n_tokens, "labels")[0]
+    return {"entropy": entropy_sums.sum() / n_tokens.sum().clamp(min=1),
+            "mean_token_accuracy": _split_pairs(top1_hits, "labels")[0].sum() / n_chosen.sum().clamp(min=1)}
+
+
 def _metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, logit_sums, n_tokens, vocab_size):
     logit_chosen, logit_rejected = _split_pairs(logit_sums, "logits")
     n_chosen, n_rejected = _split_pairs(n_tokens, "labels")
@@ -94,7 +103,8 @@ def loss(logits=None, labels=None, *, ref_logits=None, ref_logps=None, seq_ids=N
          bias=None, ref_hidden=None, ref_weight=None, ref_bias=None, beta=0.1, loss_type="sigmoid",
          loss_weights=None, label_smoothing=0.0, reference_free=False, ignore_index=-100, shift=True,
          num_sequences=None, logit_scale=1.0, softcap=None, temperature=1.0, backend="auto",
-         check_finite=True, head_mode="auto", head_memory_budget=None, fp32_precision="ieee", **loss_params):
+         check_finite=True, head_mode="auto", head_memory_budget=None, fp32_precision="ieee", token_metrics=False,
+         **loss_params):
     """DPO-family loss for a batch of 2B sequences: B chosen, then B rejected (pair i = i and B + i).
 
     Policy: `logits` [R, T, V], or the fused LM-head form `hidden` [R, T, D] + `weight` [V, D] (+ `bias`).
@@ -105,7 +115,9 @@ def loss(logits=None, labels=None, *, ref_logits=None, ref_logps=None, seq_ids=N
     head_memory_budget, fp32_precision (fused form). `loss_type` (str or list, with `loss_weights`),
     `beta`, `label_smoothing` and `loss_params` (e.g. gamma for simpo) follow TRL's DPOTrainer. A pair
     whose chosen or rejected response has no scored token gets an EmptySequenceWarning naming it (that
-    response counts as log-prob 0).
+    response counts as log-prob 0). token_metrics=True (fused form) adds TRL's `entropy` and
+    `mean_token_accuracy` to `metrics`, from the policy head's own row pass (no extra matrix product).
+    The reference runs before the policy, so its logits chunks are freed before the policy keeps U.
     Returns a DPOOutput; `.loss` is the mean over pairs.
     """
     loss_config = dict(beta=beta, loss_type=loss_type, loss_weights=loss_weights,
@@ -125,19 +137,20 @@ def loss(logits=None, labels=None, *, ref_logits=None, ref_logps=None, seq_ids=N
             f"loss_type={loss_type!r} needs the reference model: pass ref_logits, ref_hidden or ref_logps, or "
             f"reference_free=True")
     check_bool("check_finite", check_finite)
+    check_bool("token_metrics", token_metrics)
     head_options = dict(head_mode=head_mode, head_memory_budget=head_memory_budget, fp32_precision=fp32_precision)
     if hidden is None and ref_hidden is None:
         refuse_head_options_without_head(head_options)
     common = dict(seq_ids=seq_ids, ignore_index=ignore_index, shift=shift, num_sequences=num_sequences,
                   logit_scale=logit_scale, softcap=softcap, temperature=temperature, backend=backend,
                   check_finite=False, **head_options)
-    logps, n_tokens, logit_sums, plan = compute_sequence_logps(
-        logits, labels, hidden=hidden, weight=weight, bias=bias, **common)
-    chosen_logps, rejected_logps = _split_pairs(logps, "labels/seq_ids")
-    chosen_lengths, rejected_lengths = _split_pairs(n_tokens, "labels/seq_ids")
+    policy = dict(hidden=hidden, weight=weight, bias=bias, token_stats=token_metrics, **common)
+    plan, _ = plan_sequence_logps(logits, labels, **policy)
 
     if ref_logps is not None:
-        ref, ref_name = _check_ref_logps(ref_logps, logps), "ref_logps"
+        policy_inputs = hidden if hidden is not None else logits
+        like = plan.n_tokens.to(torch.float64 if policy_inputs.dtype == torch.float64 else torch.float32)
+        ref, ref_name = _check_ref_logps(ref_logps, like), "ref_logps"
     elif given:
         if ref_hidden is not None and ref_weight is None:
             require(weight is not None, "ref_weight is required with ref_hidden when the policy is given as logits")
@@ -151,6 +164,9 @@ def loss(logits=None, labels=None, *, ref_logits=None, ref_logps=None, seq_ids=N
         ref_name = "reference model " + ("logits" if ref_logits is not None else "hidden/weight")
     else:
         ref, ref_name = None, None
+    logps, n_tokens, logit_sums, plan, token_sums = compute_sequence_logps(logits, labels, plan=plan, **policy)
+    chosen_logps, rejected_logps = _split_pairs(logps, "labels/seq_ids")
+    chosen_lengths, rejected_lengths = _split_pairs(n_tokens, "labels/seq_ids")
     policy_name = "logits" if logits is not None else "hidden/weight"
     _check_results(policy_name, logps, ref_name, ref, ref_logps is not None, n_tokens, check_finite)
     ref_chosen, ref_rejected = (None, None) if ref is None else _split_pairs(ref, "reference")
@@ -159,6 +175,8 @@ def loss(logits=None, labels=None, *, ref_logits=None, ref_logps=None, seq_ids=N
                             chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **loss_config)
     metrics = _metrics(chosen_logps, rejected_logps, terms.chosen_rewards, terms.rejected_rewards,
                        logit_sums, n_tokens, plan.vocab_size)
+    if token_metrics:
+        metrics.update(_token_metrics(token_sums, n_tokens))
     return DPOOutput(loss=terms.losses.mean(), losses=terms.losses, chosen_logps=chosen_logps,
                      rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
                      chosen_rewards=terms.chosen_rewards, rejected_rewards=terms.rejected_rewards,

@@ -151,26 +151,23 @@ def _float64_backend(backend, dtype):
     return "torch"
 
 
-def compute_sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=None, weight=None, bias=None,
-                           ignore_index=-100, shift=True, num_sequences=None, logit_scale=1.0, softcap=None,
-                           temperature=1.0, backend="auto", check_finite=True, inplace_backward=False,
-                           head_mode="auto", head_memory_budget=None, fp32_precision="ieee", plan=None):
-    """`sequence_logps` plus the per-sequence logit sums (for TRL's logits/* metrics).
+def plan_sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=None, weight=None, bias=None,
+                        ignore_index=-100, shift=True, num_sequences=None, logit_scale=1.0, softcap=None,
+                        temperature=1.0, backend="auto", check_finite=True, inplace_backward=False,
+                        head_mode="auto", head_memory_budget=None, fp32_precision="ieee", plan=None,
+                        token_stats=False):
+    """Validate the arguments of `compute_sequence_logps` (same signature) -> (plan, backend to run).
 
-    The head options are validated always and used by the fused form only (the public entry points refuse
-    them for logits input). `plan` reuses the TokenTargets of an earlier call on the same labels (the
-    reference model scores the policy's tokens). Returns (logps [S], n_tokens [S] int64, logit_sums [S],
-    plan); logps and logit_sums are float32 (float64 for float64 inputs).
-    """
+    Builds the TokenTargets (one host sync) unless `plan` is given; computes nothing else."""
     require(labels is not None, "labels is required")
     check_tensor("labels", labels, dtypes=INDEX_DTYPES)
     check_int("ignore_index", ignore_index)
-    for name, flag in (("shift", shift), ("check_finite", check_finite), ("inplace_backward", inplace_backward)):
+    for name, flag in (("shift", shift), ("check_finite", check_finite), ("inplace_backward", inplace_backward),
+                       ("token_stats", token_stats)):
         check_bool(name, flag)
     check_transforms(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
     check_choice("backend", backend, BACKENDS)
-    head_options = dict(head_mode=head_mode, head_memory_budget=head_memory_budget, fp32_precision=fp32_precision)
-    check_head_options(**head_options)
+    check_head_options(head_mode=head_mode, head_memory_budget=head_memory_budget, fp32_precision=fp32_precision)
     fused = hidden is not None or weight is not None
     require(fused != (logits is not None), "pass either logits, or hidden and weight (the fused LM-head form), "
                                            "not both")
@@ -178,34 +175,71 @@ def compute_sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=Non
         vocab_size = _check_fused_inputs(hidden, weight, bias, labels)
         require(not inplace_backward, "inplace_backward=True applies to the logits form only (the fused form "
                                       "never stores logits)")
+        require(not token_stats or not is_vocab_sharded(weight),
+                "token metrics (entropy, top-1 accuracy) are not available with a vocabulary-sharded head weight")
     else:
         require(bias is None, "bias applies to the fused form (hidden, weight) only, not to logits")
+        require(not token_stats, "token metrics (entropy, top-1 accuracy) come from the fused LM-head form "
+                                 "(hidden=, weight=) only")
         vocab_size = _check_logits_input(logits, labels)
     require(not 0 <= ignore_index < vocab_size,
             f"ignore_index must lie outside the vocabulary [0, {vocab_size}) so that it cannot be mistaken for a "
             f"token id, got {ignore_index}")
-    inputs = hidden if fused else logits
-    backend = _float64_backend(backend, inputs.dtype)
+    backend = _float64_backend(backend, (hidden if fused else logits).dtype)
     if plan is None:
         plan = token_targets(labels, seq_ids, vocab_size=vocab_size, ignore_index=ignore_index, shift=shift,
                              num_sequences=num_sequences)
     require(plan.vocab_size == vocab_size,
             f"the reference vocabulary ({vocab_size}) differs from the policy's ({plan.vocab_size})")
+    return plan, backend
+
+
+class ComputedLogps(NamedTuple):
+    logps: torch.Tensor  # [S] float32 (float64 for float64 inputs)
+    n_tokens: torch.Tensor  # [S] int64
+    logit_sums: torch.Tensor  # [S], sum of the scored tokens' logits z over the vocabulary
+    plan: TokenTargets
+    token_sums: tuple | None  # token_stats=True: (entropy sums [S], top-1 hits [S]) over the scored tokens
+
+
+def compute_sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=None, weight=None, bias=None,
+                           ignore_index=-100, shift=True, num_sequences=None, logit_scale=1.0, softcap=None,
+                           temperature=1.0, backend="auto", check_finite=True, inplace_backward=False,
+                           head_mode="auto", head_memory_budget=None, fp32_precision="ieee", plan=None,
+                           token_stats=False):
+    """`sequence_logps` plus the per-sequence logit sums (for TRL's logits/* metrics) -> ComputedLogps.
+
+    The head options are validated always and used by the fused form only (the public entry points refuse
+    them for logits input). `plan` reuses the TokenTargets of an earlier call on the same labels (the
+    reference model scores the policy's tokens). token_stats=True (fused form) also sums the tokens' entropies
+    and top-1 hits per sequence, from the head's forward row pass (no extra matrix product).
+    """
+    head_options = dict(head_mode=head_mode, head_memory_budget=head_memory_budget, fp32_precision=fp32_precision)
     transforms = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
-    if fused:
-        head = vocab_parallel_sequence_logps if is_vocab_sharded(weight) else linear_sequence_logps
-        logps, logit_sums = head(
-            hidden.reshape(-1, hidden.shape[-1]), weight, bias, *plan[:3], backend=backend, rows=plan.rows,
-            **transforms, **head_options)
+    plan, backend = plan_sequence_logps(
+        logits, labels, seq_ids, hidden=hidden, weight=weight, bias=bias, ignore_index=ignore_index, shift=shift,
+        num_sequences=num_sequences, backend=backend, check_finite=check_finite, inplace_backward=inplace_backward,
+        plan=plan, token_stats=token_stats, **transforms, **head_options)
+    token_sums = None
+    if hidden is not None:
+        if is_vocab_sharded(weight):
+            logps, logit_sums = vocab_parallel_sequence_logps(
+                hidden.reshape(-1, hidden.shape[-1]), weight, bias, *plan[:3], backend=backend, rows=plan.rows,
+                **transforms, **head_options)
+        else:
+            logps, logit_sums, *token_sums = linear_sequence_logps(
+                hidden.reshape(-1, hidden.shape[-1]), weight, bias, *plan[:3], backend=backend, rows=plan.rows,
+                token_stats=token_stats, **transforms, **head_options)
+            token_sums = tuple(token_sums) if token_stats else None
     else:
-        flat = logits.reshape(-1, vocab_size)
+        flat = logits.reshape(-1, plan.vocab_size)
         if flat.stride(1) != 1:
             flat = flat.contiguous()
         logps, logit_sums = logits_sequence_logps(flat, *plan[:3], backend=backend,
                                                   inplace_backward=inplace_backward, **transforms)
     if check_finite:
-        check_finite_logps({"hidden/weight" if fused else "logits": logps})
-    return logps, plan.n_tokens, logit_sums, plan
+        check_finite_logps({"hidden/weight" if hidden is not None else "logits": logps})
+    return ComputedLogps(logps, plan.n_tokens, logit_sums, plan, token_sums)
 
 
 def sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=None, weight=None, bias=None,
@@ -231,7 +265,7 @@ def sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=None, weigh
     head_options = dict(head_mode=head_mode, head_memory_budget=head_memory_budget, fp32_precision=fp32_precision)
     if logits is not None:
         refuse_head_options_without_head(head_options)
-    logps, n_tokens, _, _ = compute_sequence_logps(
+    logps, n_tokens, *_ = compute_sequence_logps(
         logits, labels, seq_ids, hidden=hidden, weight=weight, bias=bias, ignore_index=ignore_index,
         shift=shift, num_sequences=num_sequences, logit_scale=logit_scale, softcap=softcap,
         temperature=temperature, backend=backend, check_finite=check_finite,

@@ -36,6 +36,7 @@ import fastdpo
 from .losses import check_loss_config
 from .model import HeadInputs, forward_hidden, model_sequence_logps
 from .packing import PackedBatch, pack_pairs, pair_length
+from .parallel import is_vocab_sharded
 
 __all__ = ["DPOConfig", "DPOTrainer", "DataCollatorForPackedPreference", "loss_groups"]
 
@@ -54,8 +55,9 @@ class DPOConfig(trl.DPOConfig):
                           "masks cost no more than the padded layout (attention is quadratic in the row)."})
     token_metrics: bool = field(
         default=True,
-        metadata={"help": "Log TRL's `entropy` and `mean_token_accuracy` (one extra no-grad pass over the LM head "
-                          "in chunks; logits are never materialised). False: these two metrics are not logged."})
+        metadata={"help": "Log TRL's `entropy` and `mean_token_accuracy` (from the LM head's own row pass: no "
+                          "extra matrix product; a vocabulary-sharded head takes one extra no-grad pass). False: "
+                          "these two metrics are not logged."})
 
 
 # The loss types TRL 1.16 applies label_smoothing to (it ignores the value for every other type).
@@ -243,17 +245,20 @@ class DPOTrainer(trl.DPOTrainer):
             ref_logps = torch.cat(self.compute_ref_log_probs(reference, inputs))
         head = forward_hidden(model, inputs["packed"])
         batch = inputs["packed"].to(head.weight.device)
+        free_token_metrics = self._token_metrics and not is_vocab_sharded(head.weight)
         with torch.autocast(head.weight.device.type, enabled=False):
             out = fastdpo.loss(hidden=head.hidden, weight=head.weight, bias=head.bias, logit_scale=head.logit_scale,
                                softcap=head.softcap, labels=batch.labels, seq_ids=batch.seq_ids,
                                ignore_index=batch.ignore_index, num_sequences=batch.num_sequences,
-                               ref_logps=ref_logps.to(head.weight.device, torch.float32), **self._loss_groups[0])
+                               ref_logps=ref_logps.to(head.weight.device, torch.float32),
+                               token_metrics=free_token_metrics, **self._loss_groups[0])
             losses = out.losses
             for group in self._loss_groups[1:]:
                 losses = losses + fastdpo.preference_loss(
                     out.chosen_logps, out.rejected_logps, out.ref_chosen_logps, out.ref_rejected_logps,
                     chosen_lengths=out.chosen_lengths, rejected_lengths=out.rejected_lengths, **group).losses
-        stats = token_statistics(head, batch) if self._token_metrics or self.use_weighting else None
+        extra_pass = (self._token_metrics and not free_token_metrics) or self.use_weighting
+        stats = token_statistics(head, batch) if extra_pass else None
         if self.use_weighting:
             losses = losses * _wpo_weights(stats, batch.num_sequences)
         loss = losses.mean()
@@ -266,7 +271,14 @@ class DPOTrainer(trl.DPOTrainer):
         gather_sum = lambda x: self.accelerator.gather_for_metrics(x.detach().reshape(1)).sum().item()  # noqa: E731
         metrics = self._metrics[mode]
         n_chosen, n_rejected = out.chosen_lengths.sum(), out.rejected_lengths.sum()
-        if stats is not None and self._token_metrics:
+        if "entropy" in out.metrics:  # from the head's pass: token means -> sums for the cross-process mean
+            total = gather_sum(n_chosen + n_rejected)
+            entropy = gather_sum(out.metrics["entropy"] * (n_chosen + n_rejected))
+            metrics["entropy"].append(entropy / total if total > 0 else 0.0)
+            chosen_total = gather_sum(n_chosen)
+            correct = gather_sum(out.metrics["mean_token_accuracy"] * n_chosen)
+            metrics["mean_token_accuracy"].append(correct / chosen_total if chosen_total > 0 else 0.0)
+        elif stats is not None and self._token_metrics:
             total = gather_sum(n_chosen + n_rejected)
             metrics["entropy"].append(gather_sum(stats.entropy.sum()) / total if total > 0 else 0.0)
             chosen_total = gather_sum(n_chosen)

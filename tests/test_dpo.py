@@ -180,3 +180,33 @@ def test_nan_in_policy_is_reported():
     kwargs["labels"][0, 6] = 1  # position 5 is scored
     with pytest.raises(FloatingPointError, match="hidden/weight contain NaN or inf"):
         fastdpo.loss(**kwargs)
+
+
+@pytest.mark.parametrize("head_mode", ["auto", "recompute"])
+def test_token_metrics_come_from_the_head_pass(head_mode):
+    """token_metrics=True: TRL's entropy (mean over all scored tokens) and mean_token_accuracy (chosen tokens)."""
+    hidden, ref_hidden, weight, labels = _batch(7)
+    weight = weight * 4  # peaked distributions: some targets are the argmax
+    labels[:, 3:] = torch.where(labels[:, 3:] >= 0, (hidden[:, 2:-1] @ weight.T).argmax(-1), labels[:, 3:])
+    labels[0, 4] = labels[1, 5] = 7
+    out = fastdpo.loss(hidden=hidden, weight=weight, ref_hidden=ref_hidden, labels=labels, token_metrics=True,
+                       head_mode=head_mode, head_memory_budget=3 * V * 4)
+    z = (hidden.double() @ weight.double().T)[:, :-1]
+    targets, scored = labels[:, 1:], labels[:, 1:] != -100
+    entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+    hits = (z.argmax(-1) == targets) & scored
+    assert abs(out.metrics["entropy"].item() - entropy[scored].mean().item()) <= 1e-5
+    want_accuracy = hits[:B].sum().item() / scored[:B].sum().item()
+    assert 0 < want_accuracy < 1 and abs(out.metrics["mean_token_accuracy"].item() - want_accuracy) <= 1e-6
+    plain = fastdpo.loss(hidden=hidden, weight=weight, ref_hidden=ref_hidden, labels=labels, head_mode=head_mode,
+                         head_memory_budget=3 * V * 4)
+    assert torch.equal(plain.loss, out.loss) and "entropy" not in plain.metrics
+
+
+def test_token_metrics_refused_where_no_row_pass_forms_them():
+    hidden, _, weight, labels = _batch(8)
+    with pytest.raises(ValueError, match="token_stats=True needs the logits rows"):
+        fastdpo.loss(hidden=hidden, weight=weight, labels=labels, reference_free=True, head_mode="fused",
+                     token_metrics=True)
+    with pytest.raises(ValueError, match="token metrics .* fused LM-head form"):
+        fastdpo.loss(hidden @ weight.T, labels, reference_free=True, token_metrics=True)

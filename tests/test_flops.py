@@ -56,12 +56,12 @@ def _inputs(with_bias, frozen):
     return hidden, weight, bias, targets, seq_index
 
 
-def _per_token(mode, *, with_bias=False, frozen=False, reference=False, budget=None):
+def _per_token(mode, *, with_bias=False, frozen=False, reference=False, budget=None, token_stats=False):
     hidden, weight, bias, targets, seq_index = _inputs(with_bias, frozen)
     with MatmulFlops() as counter:
         with torch.set_grad_enabled(not reference):
-            logps, _ = linear_sequence_logps(hidden, weight, bias, targets, seq_index, S, backend="torch",
-                                             head_mode=mode, head_memory_budget=budget)
+            logps, *_ = linear_sequence_logps(hidden, weight, bias, targets, seq_index, S, backend="torch",
+                                              head_mode=mode, head_memory_budget=budget, token_stats=token_stats)
             if not reference:
                 logps.sum().backward()
     return counter.flops / (M * V * D)
@@ -101,3 +101,10 @@ def test_counter_sees_in_place_and_out_variants():
         torch.addmm(c, a, b, out=c)
         _ = a @ b
     assert counter.flops == 4 * 2 * 3 * 4 * 5
+
+
+@pytest.mark.parametrize("mode", ["stored", "recompute"])
+def test_token_metrics_add_no_matrix_products(mode):
+    """Entropy and top-1 hits come from the forward's row pass: the same FLOPs as without them."""
+    assert _per_token(mode, token_stats=True) == _per_token(mode)
+    assert _per_token(mode, reference=True, token_stats=True) == _per_token(mode, reference=True)

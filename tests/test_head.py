@@ -290,3 +290,40 @@ def test_gradients_exact_at_logits_near_1e4(mode, backend, device):
     _, _, expected_grads = _expected(inputs, targets, seq_index, S, upstream, {})
     for name, grad, want in zip(("hidden", "weight", "bias"), grads, expected_grads):
         assert rel_err(grad, want) <= 1e-5, name
+
+
+def test_default_budget_is_a_fixed_setting_not_free_memory(monkeypatch):
+    """CUDA: a fixed share of the device's total memory; the free memory (which the caching allocator's
+    churn changes from step to step) is never read."""
+    from types import SimpleNamespace
+
+    def free_memory(*_):
+        raise AssertionError("the head budget must not depend on the free memory")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", free_memory)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: SimpleNamespace(total_memory=80 << 30))
+    budgets = {fastdpo.head.default_head_memory_budget(torch.device("cuda", 0)) for _ in range(3)}
+    assert budgets == {10 << 30}
+    assert fastdpo.head.default_head_memory_budget(torch.device("cpu")) == fastdpo.head.CPU_HEAD_MEMORY_BUDGET
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_repeated_steps_with_allocator_churn_are_bitwise_identical(backend, device):
+    """A DPO step (policy forward + backward, reference forward), allocations and frees, the same step again."""
+    import fastdpo
+
+    inputs, targets, seq_index, S = _problem(N=24, D=32, V=300, S=2, dtype=torch.bfloat16, with_bias=False, seed=24)
+    hidden, weight = (t.to(device) for t in inputs)
+    labels = torch.where(seq_index >= 0, targets, -100).reshape(2, 12).to(device)
+
+    def step():
+        h, w = hidden.clone().reshape(2, 12, 32).requires_grad_(), weight.clone().requires_grad_()
+        out = fastdpo.loss(hidden=h, weight=w, ref_hidden=h.detach() * 0.5, labels=labels, backend=backend)
+        out.loss.backward()
+        return out.loss, out.chosen_logps, h.grad, w.grad
+
+    first = step()
+    churn = [torch.empty(int(n) << 16, device=device) for n in torch.randint(1, 64, (20,))]
+    del churn[::2]
+    second = step()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))

@@ -253,3 +253,29 @@ def test_random_shapes_transforms_and_offsets(case):
     # backward takes the softmax from (shift, log_sum_exp), not from a rounded lse: no |lse| * 2^-24 term
     grad_scale = r_grad.abs().max().item() or 1.0
     assert (grad.double() - r_grad).abs().max() <= (TOL[dtype] + 2 * z_round) * grad_scale
+
+
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("transform", ["plain", "scale-temperature"])
+def test_token_stats_match_float64(impl, transform):
+    """token_stats=True: per-row entropy and top-1 hit (first maximum, as torch.argmax) from the same pass."""
+    from fastdpo import torch_ops
+
+    forward = row_logps_forward if impl == "triton" else torch_ops.row_logps_forward
+    kw = TRANSFORMS[transform]
+    logits, targets = make_rows(9, 203, torch.float32, seed=9, offset=1e3)
+    logits[4, 70] = logits[4, 150] = logits[4].max() + 1.0  # a tie: the first maximum (70) is the argmax
+    targets[4], targets[5] = 150, int(logits[5].argmax())
+    z = logits.double() * kw["logit_scale"]
+    z = (z if kw["softcap"] is None else kw["softcap"] * torch.tanh(z / kw["softcap"])) / kw["temperature"]
+    p = torch.softmax(z, dim=-1)
+    scored = targets >= 0
+    want_entropy = torch.where(scored, -(p * torch.log_softmax(z, dim=-1)).sum(-1), 0.0)
+    want_top1 = scored & (z.argmax(-1) == targets)
+    plain = forward(logits, targets, **kw)
+    row_logp, stats, logit_sum, entropy, top1 = forward(logits, targets, token_stats=True, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(plain, (row_logp, stats, logit_sum)))  # same pass, same bits
+    assert entropy.dtype == torch.float32 and top1.dtype == torch.bool
+    assert (entropy.double() - want_entropy).abs().max() <= 1e-5 * want_entropy.abs().max()
+    assert torch.equal(top1, want_top1) and bool(top1[5]) and not bool(top1[4])
