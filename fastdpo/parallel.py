@@ -138,9 +138,14 @@ class _Shard:
         inside = torch.nonzero((column >= 0) & (column < self.weight.shape[0])).squeeze(1)
         return inside, column[inside]
 
-    def partials(self, h, targets):
-        """h [C, D], targets [C] -> [4, C] math dtype: max, sum-exp, z_t - max (0 if t is elsewhere), sum z."""
+    def partials(self, h, targets, kept=None):
+        """h [C, D], targets [C] -> [4, C] math dtype: max, sum-exp, z_t - max (0 if t is elsewhere), sum z.
+
+        With kept [C, V_r] (stored mode) it also writes exp(z - max) * dz/dx there (input dtype), the local half of
+        U that `_finish_grad_logits_` scales once the global softmax stats are known, and returns dz/dx at each
+        row's target (as [C]; only the rows whose target is in this shard matter)."""
         z = self.logits(h)
+        slope = self.transform.slope(z) if kept is not None else None  # taken before z is overwritten
         out = torch.zeros(4, h.shape[0], dtype=z.dtype, device=z.device)
         row_max = z.amax(dim=1)
         shift = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
@@ -149,13 +154,28 @@ class _Shard:
         out[LOGIT_SUM] = z.sum(dim=1)
         out[MAX] = row_max
         out[SUM_EXP] = z.sub_(shift[:, None]).exp_().sum(dim=1)
-        return out
+        if kept is None:
+            return out, None
+        target_slope = torch.ones_like(row_max) if slope is None else torch.full_like(row_max, slope) \
+            if isinstance(slope, float) else torch.zeros_like(row_max).index_put_((inside,), slope[inside, column])
+        kept.copy_(z if slope is None else z.mul_(slope))
+        return out, target_slope
 
-    def grad_logits(self, h, targets, lse):
-        """U = (onehot(t) - softmax(z)) dz/dx [C, V_r] in the input dtype, softmax with the global lse [C]."""
+    def finish_grad_logits_(self, kept, targets, local_max, stats, target_slope):
+        """kept [M, V_r] = exp(z - local shift) * dz/dx -> U = (onehot(t) - softmax(z)) * dz/dx in place, with the
+        global stats [2, M] = (shift, log_sum_exp): softmax = exp(z - local) * exp((local - shift) - log_sum_exp)."""
+        local_shift = torch.where(torch.isinf(local_max), torch.zeros_like(local_max), local_max)
+        kept.mul_(((local_shift - stats[0]) - stats[1]).exp_().neg_()[:, None])
+        inside, column = self.local_targets(targets)
+        kept.index_put_((inside, column), target_slope[inside].to(kept.dtype), accumulate=True)
+        return kept
+
+    def grad_logits(self, h, targets, stats):
+        """U = (onehot(t) - softmax(z)) dz/dx [C, V_r] in the input dtype, softmax = exp((z - shift) - log_sum_exp)
+        with the global stats [2, C] (no z - lse cancellation at large logits)."""
         z = self.logits(h)
         slope = self.transform.slope(z)
-        u = z.sub_(lse[:, None]).exp_().neg_()
+        u = z.sub_(stats[0][:, None]).sub_(stats[1][:, None]).exp_().neg_()
         inside, column = self.local_targets(targets)
         u[inside, column] += 1.0
         return (u if slope is None else u.mul_(slope)).to(self.weight.dtype)
@@ -202,7 +222,8 @@ def _shard_layout(targets, local_vocab, vocab_offset, group):
 
 
 def _merge(gathered, targets, begins, ends):
-    """Merge [W, 5, M] partials in rank order -> (row_logp, lse, logit_sum) [M]; same bits on every rank."""
+    """Merge [W, 5, M] partials in rank order -> (row_logp [M], stats [2, M] = (shift, log_sum_exp),
+    logit_sum [M]); same bits on every rank. lse = shift + log_sum_exp."""
     require(bool((gathered[:, FINGERPRINT] == gathered[0, FINGERPRINT]).all()),
              "hidden states and labels must be identical on every rank of the process group (the vocabulary-"
              "parallel head needs replicated tokens; data-parallel ranks must not share a sharded head)")
@@ -217,7 +238,7 @@ def _merge(gathered, targets, begins, ends):
     owner_max = gathered[owner, MAX, tokens]
     target_minus_max = gathered[owner, TARGET, tokens] + (owner_max - shift)
     log_sum_exp = sum_exp.log()
-    return target_minus_max - log_sum_exp, shift + log_sum_exp, logit_sum
+    return target_minus_max - log_sum_exp, torch.stack([shift, log_sum_exp]), logit_sum
 
 
 def _reduce_over_ranks(partial, group):
@@ -235,15 +256,23 @@ def _reduce_over_ranks(partial, group):
 
 
 def _forward(shard, hidden_rows, targets, group, layout, keep_grad_logits):
-    """Merged (row_logp, lse, logit_sum) [M] and, if asked, U [M, V_r] (input dtype)."""
-    chunks = list(zip(hidden_rows.split(shard.chunk_rows), targets.split(shard.chunk_rows)))
+    """Merged (row_logp [M], stats [2, M], logit_sum [M]) and, if asked, U [M, V_r] (input dtype) from the same
+    logits GEMM (stored mode: 2 V_r D FLOPs per token in the forward, the backward's two GEMMs make 6)."""
+    M = hidden_rows.shape[0]
+    kept = hidden_rows.new_empty(M, shard.weight.shape[0]) if keep_grad_logits else None
+    parts, slopes = [], []
+    for begin in range(0, M, shard.chunk_rows):
+        end = min(begin + shard.chunk_rows, M)
+        part, slope = shard.partials(hidden_rows[begin:end], targets[begin:end],
+                                     None if kept is None else kept[begin:end])
+        parts.append(part)
+        slopes.append(slope)
     fingerprint = hidden_rows.to(shard.math_dtype).sum(dim=1) + targets.to(shard.math_dtype)
-    partials = torch.cat([torch.cat([shard.partials(h, t) for h, t in chunks], dim=1), fingerprint[None]])
-    row_logp, lse, logit_sum = _merge(_all_gather(partials, group), targets, *layout)
-    if not keep_grad_logits:
-        return (row_logp, lse, logit_sum), None
-    grad_logits = torch.cat([shard.grad_logits(h, t, l) for (h, t), l in zip(chunks, lse.split(shard.chunk_rows))])
-    return (row_logp, lse, logit_sum), grad_logits
+    partials = torch.cat([torch.cat(parts, dim=1) if parts else fingerprint.new_zeros(4, 0), fingerprint[None]])
+    row_logp, stats, logit_sum = _merge(_all_gather(partials, group), targets, *layout)
+    if kept is not None:
+        shard.finish_grad_logits_(kept, targets, partials[MAX], stats, torch.cat(slopes) if slopes else stats[0])
+    return (row_logp, stats, logit_sum), kept
 
 
 class _VocabParallelLogps(torch.autograd.Function):
@@ -252,19 +281,19 @@ class _VocabParallelLogps(torch.autograd.Function):
                 stored, fp32_precision, impl):
         with _no_autocast(hidden.device), matmul_precision(fp32_precision, hidden.device):
             hidden_rows = hidden.index_select(0, rows)
-            (row_logp, lse, logit_sum), grad_logits = _forward(shard, hidden_rows, targets, group, layout, stored)
+            (row_logp, stats, logit_sum), grad_logits = _forward(shard, hidden_rows, targets, group, layout, stored)
         sums = impl.segment_sum(torch.stack([row_logp, logit_sum]), seq_of_rows, num_sequences)
-        ctx.save_for_backward(hidden, rows, targets, seq_of_rows, lse, grad_logits)
+        ctx.save_for_backward(hidden, rows, targets, seq_of_rows, stats, grad_logits)
         ctx.shard, ctx.group, ctx.fp32_precision = shard, group, fp32_precision
         ctx.mark_non_differentiable(sums[1])
         return sums[0], sums[1]
 
     @staticmethod
     def backward(ctx, grad_logps, _):
-        hidden, rows, targets, seq_of_rows, lse, grad_logits = ctx.saved_tensors
+        hidden, rows, targets, seq_of_rows, stats, grad_logits = ctx.saved_tensors
         shard, group = ctx.shard, ctx.group
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        grad_rows = grad_logps.to(lse.dtype)[seq_of_rows]
+        grad_rows = grad_logps.to(stats.dtype)[seq_of_rows]
         hidden_rows = hidden.index_select(0, rows)
         partial_hidden = torch.zeros(hidden_rows.shape, dtype=shard.math_dtype, device=hidden.device) \
             if needs_hidden else None
@@ -272,19 +301,19 @@ class _VocabParallelLogps(torch.autograd.Function):
             if needs_weight else None
         grad_bias = torch.zeros(shard.weight.shape[0], dtype=shard.math_dtype, device=hidden.device) \
             if needs_bias else None
-        step = shard.chunk_rows
+        step = max(1, rows.numel()) if grad_logits is not None else shard.chunk_rows  # stored: one GEMM each
         with _no_autocast(hidden.device), matmul_precision(ctx.fp32_precision, hidden.device):
             for begin in range(0, rows.numel(), step):
                 h, end = hidden_rows[begin:begin + step], begin + step
                 u = grad_logits[begin:end] if grad_logits is not None else \
-                    shard.grad_logits(h, targets[begin:end], lse[begin:end])
+                    shard.grad_logits(h, targets[begin:end], stats[:, begin:end])
                 g = grad_rows[begin:end, None]
                 if needs_hidden:
                     partial_hidden[begin:end] = (u @ shard.weight).to(shard.math_dtype) * g
                 if needs_weight:
                     grad_weight += u.t() @ (h.to(shard.math_dtype) * g).to(h.dtype)
                 if needs_bias:
-                    grad_bias += (u.to(shard.math_dtype) * g).sum(dim=0)
+                    grad_bias += u.t() @ g[:, 0].to(u.dtype)
         grad_hidden = None
         if needs_hidden:
             grad_hidden = torch.zeros_like(hidden)
@@ -332,7 +361,8 @@ def vocab_parallel_sequence_logps(hidden, weight, bias, targets, seq_index, num_
     begins, ends = _shard_layout(row_targets, weight.shape[0], vocab_offset, process_group)
     layout = (begins.to(hidden.device), ends.to(hidden.device))
     shard = _Shard(weight, bias, int(begins[dist.get_rank(process_group)]),
-                   Transform(logit_scale, softcap, temperature), head.chunk_rows)
+                   Transform(logit_scale, softcap, temperature),
+                   head.reference_rows if head.store else head.chunk_rows)  # rows of fp32 logits per chunk
     if needs_grad:
         return _VocabParallelLogps.apply(hidden, weight, bias, rows, row_targets, seq_of_rows, num_sequences, shard,
                                          process_group, layout, head.store, fp32_precision, impl)

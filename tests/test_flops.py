@@ -108,3 +108,23 @@ def test_token_metrics_add_no_matrix_products(mode):
     """Entropy and top-1 hits come from the forward's row pass: the same FLOPs as without them."""
     assert _per_token(mode, token_stats=True) == _per_token(mode)
     assert _per_token(mode, reference=True, token_stats=True) == _per_token(mode, reference=True)
+
+
+@pytest.mark.parametrize("mode, bound", [("stored", 6.05), ("recompute", 8.05)])
+def test_vocab_parallel_head_flops(mode, bound):
+    """The vocabulary-parallel head on a 1-rank group: stored keeps U from its one forward GEMM (6 VD)."""
+    import torch.distributed as dist
+
+    from fastdpo.parallel import vocab_parallel_sequence_logps
+
+    hidden, weight, _, targets, seq_index = _inputs(with_bias=False, frozen=False)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with MatmulFlops() as counter:
+            logps, _ = vocab_parallel_sequence_logps(hidden, weight, None, targets, seq_index, S,
+                                                     process_group=dist.group.WORLD, backend="torch", head_mode=mode)
+            logps.sum().backward()
+    finally:
+        dist.destroy_process_group()
+    counted = counter.flops / (M * V * D)
+    assert bound - 0.1 <= counted <= bound

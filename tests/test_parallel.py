@@ -53,7 +53,7 @@ def emulated_ranks(hidden, weight, bias, targets, bounds, logit_scale=1.0, softc
     transform = Transform(logit_scale, softcap, temperature)
     shards = [_Shard(weight[b:e], bias[b:e], b, transform, chunk_rows=7) for b, e in bounds]
     fingerprint = hidden.to(shards[0].math_dtype).sum(dim=1) + targets.to(shards[0].math_dtype)
-    gathered = torch.stack([torch.cat([s.partials(hidden, targets), fingerprint[None]]) for s in shards])
+    gathered = torch.stack([torch.cat([s.partials(hidden, targets)[0], fingerprint[None]]) for s in shards])
     begins, ends = torch.tensor([b for b, _ in bounds]), torch.tensor([e for _, e in bounds])
     return _merge(gathered, targets, begins, ends)
 
@@ -66,9 +66,10 @@ TRANSFORMS = [dict(logit_scale=1.0, softcap=None, temperature=1.0),
 def test_merge_of_three_uneven_shards_matches_float64(transforms):
     hidden, weight, bias, _, _, _ = head_inputs(dtype=torch.float32)
     targets = torch.randint(0, 37, (24,), generator=torch.Generator().manual_seed(1))
-    got = emulated_ranks(hidden, weight, bias, targets, [(0, 13), (13, 20), (20, 37)], **transforms)
+    row_logp, stats, logit_sum = emulated_ranks(hidden, weight, bias, targets, [(0, 13), (13, 20), (20, 37)],
+                                                **transforms)
     want = reference_rows(hidden, weight, bias, targets, **transforms)
-    for g, w in zip(got, want):
+    for g, w in zip((row_logp, stats.sum(0), logit_sum), want):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)
 
@@ -82,7 +83,7 @@ def test_merge_is_cancellation_free_at_large_logits():
     row_logp, lse, _ = emulated_ranks(hidden, weight, bias, targets, [(0, 13), (13, 20), (20, 37)])
     want_logp, want_lse, _ = reference_rows(hidden, weight, bias, targets)
     assert ((row_logp.double() - want_logp).abs() / want_logp.abs()).max() <= 1e-6
-    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-7, atol=0)
+    torch.testing.assert_close(lse.double().sum(0), want_lse, rtol=1e-7, atol=0)
     # all logits equal to 1e30: -log V exactly as in fp32
     row_logp, _, _ = emulated_ranks(hidden, torch.zeros(37, 8), torch.full((37,), 1e30), targets,
                                     [(0, 13), (13, 20), (20, 37)])
@@ -93,7 +94,7 @@ def test_merge_refuses_tokens_that_differ_between_ranks():
     hidden, weight, bias, _, _, _ = head_inputs(dtype=torch.float32)
     targets = torch.randint(0, 37, (24,), generator=torch.Generator().manual_seed(1))
     shards = [_Shard(weight[b:e], bias[b:e], b, Transform(), chunk_rows=7) for b, e in [(0, 20), (20, 37)]]
-    gathered = torch.stack([torch.cat([s.partials(hidden, targets), (hidden.sum(dim=1) + targets + r)[None]])
+    gathered = torch.stack([torch.cat([s.partials(hidden, targets)[0], (hidden.sum(dim=1) + targets + r)[None]])
                             for r, s in enumerate(shards)])
     with pytest.raises(ValueError, match="identical on every rank"):
         _merge(gathered, targets, torch.tensor([0, 20]), torch.tensor([20, 37]))
