@@ -51,6 +51,7 @@ def _check_ref_logps(ref_logps, policy_logps):
     return ref_logps.detach()
 
 
+@torch.compiler.disable  # a host sync: one graph break at the call under torch.compile, none inside
 def _check_results(policy_name, logps, ref_name, ref, ref_is_input, n_tokens, check_finite):
     """The loss's one host transfer after the log-probs: a fused NaN/inf check of the policy and computed
     reference results [S], the finiteness of a precomputed ref_logps (`ref_is_input`; whatever check_finite

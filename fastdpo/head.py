@@ -64,12 +64,9 @@ def head_plan(*, head_mode, budget, num_rows, vocab_size, dtype):
     return False, max(1, budget // row_bytes)
 
 
-def make_head(impl, *, head_mode, head_memory_budget, weight, num_rows, transforms, fp32_precision, needs_grad):
-    """The head object for `head_mode` ("auto" resolved for num_rows scored rows and weight [V, D]).
-
-    head_memory_budget (bytes, None = default_head_memory_budget) decides "auto" and sizes the chunks of
-    "stored" / "recompute"; a "stored" head that does not fit an explicitly given budget is refused.
-    """
+def check_head_options(head_mode, head_memory_budget, fp32_precision):
+    """ValueError naming the option unless head_mode is a HEAD_MODES entry, head_memory_budget None or a positive
+    int (bytes), fp32_precision "ieee" or "tf32"."""
     if head_mode not in HEAD_MODES:
         raise ValueError(f"head_mode must be one of {HEAD_MODES}, got {head_mode!r}")
     if head_memory_budget is not None and (isinstance(head_memory_budget, bool)
@@ -77,6 +74,15 @@ def make_head(impl, *, head_mode, head_memory_budget, weight, num_rows, transfor
                                            or head_memory_budget <= 0):
         raise ValueError(f"head_memory_budget must be None or a positive int (bytes), got {head_memory_budget!r}")
     check_fp32_precision(fp32_precision)
+
+
+def make_head(impl, *, head_mode, head_memory_budget, weight, num_rows, transforms, fp32_precision, needs_grad):
+    """The head object for `head_mode` ("auto" resolved for num_rows scored rows and weight [V, D]).
+
+    head_memory_budget (bytes, None = default_head_memory_budget) decides "auto" and sizes the chunks of
+    "stored" / "recompute"; a "stored" head that does not fit an explicitly given budget is refused.
+    """
+    check_head_options(head_mode, head_memory_budget, fp32_precision)
     if head_mode == "fused":
         return FusedHead(impl, transforms, fp32_precision)
     budget = default_head_memory_budget(weight.device) if head_memory_budget is None else head_memory_budget

@@ -28,6 +28,7 @@ class TokenTargets(NamedTuple):
     n_tokens: torch.Tensor  # [S] int64, scored tokens per sequence
 
 
+@torch.compiler.disable  # its host sync: one graph break at the call under torch.compile, none inside
 def token_targets(labels, seq_ids, *, vocab_size, ignore_index, shift, num_sequences=None):
     """Validate labels [R, T] (or [T]) and seq_ids (same shape) and flatten them to a TokenTargets.
 

@@ -10,10 +10,12 @@ target. The backend is a module with the launcher functions: `fastdpo.kernels` (
 `fastdpo.head`. Without grad (the reference model) nothing is saved for backward. Autocast is disabled
 inside the ops: they compute in the input dtypes (fp32 math for the row reductions).
 """
+from typing import Optional
+
 import torch
 
 from . import torch_ops
-from .head import make_head
+from .head import check_head_options, make_head
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -79,25 +81,87 @@ def logits_sequence_logps(logits, targets, seq_index, num_sequences, *, backend=
         return _sequence_sums(impl, [row_logp, logit_sum], seq_index, num_sequences)
 
 
-class _LinearSequenceLogps(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, rows, targets, seq_of_rows, num_sequences, head, token_stats):
-        row_logp, logit_sum, saved, metrics = head.forward(hidden, weight, bias, rows, targets, keep=True,
-                                                           token_stats=token_stats)
-        sums = _sequence_sums(head.impl, _row_values(row_logp, logit_sum, metrics), seq_of_rows, num_sequences)
-        ctx.save_for_backward(hidden, weight, bias, rows, targets, seq_of_rows, *saved)
-        ctx.head, ctx.grad_dtype = head, row_logp.dtype
-        ctx.mark_non_differentiable(*sums[1:])
-        return sums
+# The LM head as a torch.library custom op: opaque to torch.compile (no graph break inside, whatever the backend
+# does on the host), with fake implementations for tracing and autograd registered on the op. Its configuration
+# travels as plain arguments; `_head` rebuilds the head object from them (cheap: no tensor work).
+HeadConfig = tuple  # (backend, head_mode, head_memory_budget (0 = default), fp32_precision, logit_scale, softcap
+#                      (0.0 = none), temperature)
 
-    @staticmethod
-    def backward(ctx, grad_logps, *_):
-        hidden, weight, bias, rows, targets, seq_of_rows, *saved = ctx.saved_tensors
-        grad_rows = _rows_gradient(grad_logps, seq_of_rows, ctx.grad_dtype)
-        with _no_autocast(hidden.device):
-            grads = ctx.head.backward(hidden, weight, bias, rows, targets, saved, grad_rows,
-                                      needs=ctx.needs_input_grad[:3])
-        return (*grads, None, None, None, None, None, None)
+
+def _head(config, weight, num_rows, needs_grad):
+    backend, head_mode, budget, fp32_precision, logit_scale, softcap, temperature = config
+    transforms = dict(logit_scale=logit_scale, softcap=softcap or None, temperature=temperature)
+    return make_head(resolve_backend(backend, weight.device), head_mode=head_mode, head_memory_budget=budget or None,
+                     weight=weight, num_rows=num_rows, transforms=transforms, fp32_precision=fp32_precision,
+                     needs_grad=needs_grad)
+
+
+@torch.library.custom_op("fastdpo::head_forward", mutates_args=())
+def _head_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: torch.Tensor,
+                  targets: torch.Tensor, seq_of_rows: torch.Tensor, num_sequences: int, backend: str, head_mode: str,
+                  budget: int, fp32_precision: str, logit_scale: float, softcap: float, temperature: float,
+                  keep: bool, token_stats: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (per-sequence sums [K, S]: log-prob, logit sum (+ entropy, top-1 hits with token_stats), saved for
+    backward: U [M, V], stats [2, M] or empty)."""
+    config = (backend, head_mode, budget, fp32_precision, logit_scale, softcap, temperature)
+    head = _head(config, weight, rows.numel(), keep)
+    with _no_autocast(hidden.device):
+        row_logp, logit_sum, saved, metrics = head.forward(hidden, weight, bias, rows, targets, keep=keep,
+                                                           token_stats=token_stats)
+        sums = head.impl.segment_sum(torch.stack(_row_values(row_logp, logit_sum, metrics)), seq_of_rows,
+                                     num_sequences)
+    return sums, saved[0] if saved else row_logp.new_empty(0)
+
+
+@_head_forward.register_fake
+def _(hidden, weight, bias, rows, targets, seq_of_rows, num_sequences, backend, head_mode, budget, fp32_precision,
+      logit_scale, softcap, temperature, keep, token_stats):
+    M, V = rows.shape[0], weight.shape[0]
+    head = _head((backend, head_mode, budget, fp32_precision, logit_scale, softcap, temperature), weight, M, keep)
+    math = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    sums = hidden.new_empty(4 if token_stats else 2, num_sequences, dtype=math)
+    if not keep:
+        return sums, sums.new_empty(0)
+    return sums, hidden.new_empty(M, V) if getattr(head, "store", False) else sums.new_empty(2, M)
+
+
+@torch.library.custom_op("fastdpo::head_backward", mutates_args=())
+def _head_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: torch.Tensor,
+                   targets: torch.Tensor, saved: torch.Tensor, grad_rows: torch.Tensor, backend: str, head_mode: str,
+                   budget: int, fp32_precision: str, logit_scale: float, softcap: float, temperature: float,
+                   needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (grad_hidden, grad_weight, grad_bias), an empty tensor for each one not needed."""
+    config = (backend, head_mode, budget, fp32_precision, logit_scale, softcap, temperature)
+    head = _head(config, weight, rows.numel(), True)
+    with _no_autocast(hidden.device):
+        grads = head.backward(hidden, weight, bias, rows, targets, (saved,), grad_rows, needs=needs)
+    return tuple(hidden.new_empty(0) if grad is None else grad for grad in grads)
+
+
+@_head_backward.register_fake
+def _(hidden, weight, bias, rows, targets, saved, grad_rows, backend, head_mode, budget, fp32_precision,
+      logit_scale, softcap, temperature, needs):
+    like = (hidden, weight, bias if bias is not None else weight.new_empty(0))
+    return tuple(torch.empty_like(t) if need and t.numel() else hidden.new_empty(0) for t, need in zip(like, needs))
+
+
+def _head_setup_context(ctx, inputs, output):
+    hidden, weight, bias, rows, targets, seq_of_rows, num_sequences, *config, keep, token_stats = inputs
+    ctx.save_for_backward(hidden, weight, bias, rows, targets, seq_of_rows, output[1])
+    ctx.config = config
+    ctx.mark_non_differentiable(output[1])
+
+
+def _head_autograd_backward(ctx, grad_sums, _):
+    hidden, weight, bias, rows, targets, seq_of_rows, saved = ctx.saved_tensors
+    needs = [bool(flag) for flag in ctx.needs_input_grad[:3]]
+    needs[2] = needs[2] and bias is not None
+    grad_rows = _rows_gradient(grad_sums[0], seq_of_rows, grad_sums.dtype)
+    grads = _head_backward(hidden, weight, bias, rows, targets, saved, grad_rows, *ctx.config, needs)
+    return (*(grad if need else None for grad, need in zip(grads, needs)),) + (None,) * 13
+
+
+_head_forward.register_autograd(_head_autograd_backward, setup_context=_head_setup_context)
 
 
 def _row_values(row_logp, logit_sum, metrics):
@@ -120,19 +184,12 @@ def linear_sequence_logps(hidden, weight, bias, targets, seq_index, num_sequence
     token_stats=True adds (entropy_sums [S], top1_hits [S]): per-sequence sums of the token entropies
     -sum_v p_v log p_v and of [argmax_v z_v == target], from the forward's row pass (not differentiable).
     """
-    impl = resolve_backend(backend, hidden.device)
     if rows is None:
         rows = torch.nonzero(seq_index >= 0).squeeze(1)
     row_targets, seq_of_rows = targets[rows].contiguous(), seq_index[rows].contiguous()
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    head = make_head(impl, head_mode=head_mode, head_memory_budget=head_memory_budget, weight=weight,
-                     num_rows=rows.numel(), fp32_precision=fp32_precision, needs_grad=needs_grad,
-                     transforms=dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature))
-    with _no_autocast(hidden.device):
-        if needs_grad:
-            return _LinearSequenceLogps.apply(hidden, weight, bias, rows, row_targets, seq_of_rows,
-                                              num_sequences, head, token_stats)
-        with torch.no_grad():
-            row_logp, logit_sum, _, metrics = head.forward(hidden, weight, bias, rows, row_targets, keep=False,
-                                                           token_stats=token_stats)
-        return _sequence_sums(impl, _row_values(row_logp, logit_sum, metrics), seq_of_rows, num_sequences)
+    check_head_options(head_mode, head_memory_budget, fp32_precision)  # head_memory_budget None travels as 0
+    sums, _ = _head_forward(hidden, weight, bias, rows, row_targets, seq_of_rows, num_sequences, backend, head_mode,
+                            head_memory_budget or 0, fp32_precision, float(logit_scale), float(softcap or 0.0),
+                            float(temperature), needs_grad, token_stats)
+    return tuple(sums.unbind(0))

@@ -210,9 +210,10 @@ def segment_sum(values, seq_index, num_sequences):
     Accumulated in fp64: index_add_ adds a sequence's tokens one after another, which in fp32 loses ~4e-4
     relative over a 1000-token response (the Triton segment_sum sums lane-wise, then as a tree).
     """
-    keep = seq_index >= 0
-    out = torch.zeros(values.shape[0], num_sequences, device=values.device, dtype=torch.float64)
-    return out.index_add_(1, seq_index[keep], values[:, keep].double()).to(values.dtype)
+    discard = num_sequences  # tokens without a sequence go to one extra slot, dropped: no data-dependent shapes
+    out = torch.zeros(values.shape[0], num_sequences + 1, device=values.device, dtype=torch.float64)
+    out.index_add_(1, torch.where(seq_index >= 0, seq_index, discard), values.double())
+    return out[:, :num_sequences].to(values.dtype)
 
 
 # ----------------------------------------------------------------------------- fused LM head

@@ -39,7 +39,13 @@ class MatmulFlops(TorchDispatchMode):
         self.flops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fastdpo":  # fastdpo's custom ops: count the aten calls inside them too
+            with self:
+                return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **(kwargs or {}))
         name = func.overloadpacket.__name__.rstrip("_")
+        if name in ("matmul", "linear"):  # composite (seen undecomposed inside a custom op): count its parts
+            with self:
+                return func.decompose(*args, **(kwargs or {}))
         if name in MATMULS:
             self.flops += _matmul_flops(name, args)
         return func(*args, **(kwargs or {}))
