@@ -105,7 +105,7 @@ def loss(logits=None, labels=None, *, ref_logits=None, ref_logps=None, seq_ids=N
          loss_weights=None, label_smoothing=0.0, reference_free=False, ignore_index=-100, shift=True,
          num_sequences=None, logit_scale=1.0, softcap=None, temperature=1.0, backend="auto",
          check_finite=True, head_mode="auto", head_memory_budget=None, fp32_precision="ieee", token_metrics=False,
-         **loss_params):
+         max_scored_tokens=None, **loss_params):
     """DPO-family loss for a batch of 2B sequences: B chosen, then B rejected (pair i = i and B + i).
 
     Policy: `logits` [R, T, V], or the fused LM-head form `hidden` [R, T, D] + `weight` [V, D] (+ `bias`).
@@ -119,6 +119,10 @@ def loss(logits=None, labels=None, *, ref_logits=None, ref_logps=None, seq_ids=N
     response counts as log-prob 0). token_metrics=True (fused form) adds TRL's `entropy` and
     `mean_token_accuracy` to `metrics`, from the policy head's own row pass (no extra matrix product).
     The reference runs before the policy, so its logits chunks are freed before the policy keeps U.
+    max_scored_tokens=K (at least the number of scored tokens; num_sequences needed with seq_ids) makes the call
+    free of host syncs (CUDA-graph capturable, no graph break under torch.compile): the label and finite checks
+    become device-side asserts, the head works on K rows (padding rows score nothing) and no
+    EmptySequenceWarning is raised.
     Returns a DPOOutput; `.loss` is the mean over pairs.
     """
     loss_config = dict(beta=beta, loss_type=loss_type, loss_weights=loss_weights,
@@ -144,7 +148,7 @@ def loss(logits=None, labels=None, *, ref_logits=None, ref_logps=None, seq_ids=N
         refuse_head_options_without_head(head_options)
     common = dict(seq_ids=seq_ids, ignore_index=ignore_index, shift=shift, num_sequences=num_sequences,
                   logit_scale=logit_scale, softcap=softcap, temperature=temperature, backend=backend,
-                  check_finite=False, **head_options)
+                  check_finite=False, max_scored_tokens=max_scored_tokens, **head_options)
     policy = dict(hidden=hidden, weight=weight, bias=bias, token_stats=token_metrics, **common)
     plan, _ = plan_sequence_logps(logits, labels, **policy)
 
@@ -169,7 +173,11 @@ def loss(logits=None, labels=None, *, ref_logits=None, ref_logps=None, seq_ids=N
     chosen_logps, rejected_logps = _split_pairs(logps, "labels/seq_ids")
     chosen_lengths, rejected_lengths = _split_pairs(n_tokens, "labels/seq_ids")
     policy_name = "logits" if logits is not None else "hidden/weight"
-    _check_results(policy_name, logps, ref_name, ref, ref_logps is not None, n_tokens, check_finite)
+    if max_scored_tokens is None:
+        _check_results(policy_name, logps, ref_name, ref, ref_logps is not None, n_tokens, check_finite)
+    elif check_finite:
+        torch._assert_async(torch.isfinite(logps).all() & (True if ref is None else torch.isfinite(ref).all()),
+                            f"non-finite sequence log-probs ({policy_name} or {ref_name})")
     ref_chosen, ref_rejected = (None, None) if ref is None else _split_pairs(ref, "reference")
 
     terms = preference_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected,

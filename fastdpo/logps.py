@@ -28,18 +28,20 @@ class TokenTargets(NamedTuple):
     n_tokens: torch.Tensor  # [S] int64, scored tokens per sequence
 
 
-@torch.compiler.disable  # its host sync: one graph break at the call under torch.compile, none inside
-def token_targets(labels, seq_ids, *, vocab_size, ignore_index, shift, num_sequences=None):
+def token_targets(labels, seq_ids, *, vocab_size, ignore_index, shift, num_sequences=None, max_scored_tokens=None):
     """Validate labels [R, T] (or [T]) and seq_ids (same shape) and flatten them to a TokenTargets.
 
     The data-dependent checks (label range, seq_ids range, the number of sequences and of scored tokens)
-    come to the host in one transfer; everything else stays on the device.
+    come to the host in one transfer; everything else stays on the device. With max_scored_tokens=K (and
+    num_sequences given when seq_ids are) there is no host sync: the checks become device-side asserts and
+    `rows` has exactly K entries, those past the scored tokens pointing at an unscored position (target -1).
     """
     check_tensor("labels", labels, dtypes=INDEX_DTYPES)
     require(labels.dim() in (1, 2), f"labels must have shape [R, T] or [T], got {tuple(labels.shape)}")
     require(labels.numel() > 0, f"labels must have at least one row and one position, got shape "
                                 f"{tuple(labels.shape)} (empty batch)")
     check_int("num_sequences", num_sequences, minimum=1, optional=True)
+    check_int("max_scored_tokens", max_scored_tokens, minimum=1, optional=True)
     rows = labels.long().reshape(-1, labels.shape[-1])
     if seq_ids is None:
         require(num_sequences in (None, rows.shape[0]),
@@ -52,6 +54,8 @@ def token_targets(labels, seq_ids, *, vocab_size, ignore_index, shift, num_seque
         require(seq_ids.shape == labels.shape,
                 f"seq_ids must have the shape of labels {tuple(labels.shape)}, got {tuple(seq_ids.shape)}")
         check_same_device(labels=labels, seq_ids=seq_ids)
+        require(max_scored_tokens is None or num_sequences is not None,
+                "max_scored_tokens (no host sync) needs num_sequences when seq_ids are given")
         seq = seq_ids.long().reshape(rows.shape)
     if shift:  # logits at t are scored against labels[t + 1]
         rows = torch.cat([rows[:, 1:], torch.full_like(rows[:, :1], ignore_index)], dim=1)
@@ -60,9 +64,26 @@ def token_targets(labels, seq_ids, *, vocab_size, ignore_index, shift, num_seque
         seq_scored = seq
     scored = (rows != ignore_index) & (seq_scored >= 0)
     out_of_range = (scored & ((rows < 0) | (rows >= vocab_size))).reshape(-1)
+    checks = (rows, seq, scored, out_of_range, vocab_size, ignore_index, num_sequences)
+    if max_scored_tokens is None:
+        num_sequences, n_scored = _check_on_host(*checks)
+    else:
+        n_scored = _check_on_device(*checks, max_scored_tokens)
+    targets = torch.where(scored, rows, -1).reshape(-1)
+    seq_index = torch.where(scored, seq_scored, -1).reshape(-1)
+    scored_rows = torch.nonzero_static(scored.reshape(-1), size=n_scored, fill_value=-1).squeeze(1)
+    if max_scored_tokens is not None:  # padding -> the first unscored position (target -1, no sequence)
+        scored_rows = torch.where(scored_rows >= 0, scored_rows, (~scored).reshape(-1).to(torch.uint8).argmax())
+    n_tokens = torch.zeros(num_sequences + 1, dtype=torch.int64, device=rows.device).index_add_(
+        0, torch.where(seq_index >= 0, seq_index, num_sequences)[scored_rows], torch.ones_like(scored_rows))
+    return TokenTargets(targets, seq_index, num_sequences, vocab_size, scored_rows, n_tokens[:num_sequences])
+
+
+def _check_on_host(rows, seq, scored, out_of_range, vocab_size, ignore_index, num_sequences):
+    """The label checks in one host transfer -> (num_sequences, number of scored tokens)."""
     first_bad = rows.reshape(-1).index_select(0, out_of_range.to(torch.uint8).argmax().reshape(1))[0]
     n_bad, bad, seq_min, seq_max, n_scored = torch.stack(
-        [out_of_range.sum(), first_bad, seq.min(), seq.max(), scored.sum()]).tolist()  # the one host sync
+        [out_of_range.sum(), first_bad, seq.min(), seq.max(), scored.sum()]).tolist()
     if num_sequences is None:
         require(seq_max >= 0, "seq_ids hold no sequence (all -1): nothing to score")
         num_sequences = seq_max + 1
@@ -71,12 +92,22 @@ def token_targets(labels, seq_ids, *, vocab_size, ignore_index, shift, num_seque
             f"found {seq_min if seq_min < -1 else seq_max}")
     require(n_bad == 0, f"labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; found {bad} "
                         f"({n_bad} scored position(s) out of range)")
-    targets = torch.where(scored, rows, -1).reshape(-1)
-    seq_index = torch.where(scored, seq_scored, -1).reshape(-1)
-    scored_rows = torch.nonzero_static(scored.reshape(-1), size=n_scored).squeeze(1)
-    n_tokens = torch.zeros(num_sequences, dtype=torch.int64, device=rows.device).index_add_(
-        0, seq_index[scored_rows], torch.ones_like(scored_rows))
-    return TokenTargets(targets, seq_index, num_sequences, vocab_size, scored_rows, n_tokens)
+    return num_sequences, n_scored
+
+
+def _check_on_device(rows, seq, scored, out_of_range, vocab_size, ignore_index, num_sequences, max_scored_tokens):
+    """The label checks as device-side asserts (no host sync) -> max_scored_tokens."""
+    n_scored = scored.sum()
+    torch._assert_async(~out_of_range.any(), f"labels must lie in [0, {vocab_size}) or equal ignore_index")
+    torch._assert_async((seq.min() >= -1) & (seq.max() < num_sequences), f"seq_ids must lie in [-1, {num_sequences})")
+    torch._assert_async(n_scored <= max_scored_tokens, f"more than max_scored_tokens={max_scored_tokens} scored tokens")
+    torch._assert_async((n_scored == max_scored_tokens) | ~scored.all(), "max_scored_tokens leaves padding but no "
+                                                                       "unscored position to point it at")
+    return max_scored_tokens
+
+
+# token_targets with its host sync: one graph break at the call under torch.compile, none inside
+_token_targets_with_host_checks = torch.compiler.disable(token_targets)
 
 
 def check_transforms(*, logit_scale, softcap, temperature):
@@ -156,7 +187,7 @@ def plan_sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=None, 
                         ignore_index=-100, shift=True, num_sequences=None, logit_scale=1.0, softcap=None,
                         temperature=1.0, backend="auto", check_finite=True, inplace_backward=False,
                         head_mode="auto", head_memory_budget=None, fp32_precision="ieee", plan=None,
-                        token_stats=False):
+                        token_stats=False, max_scored_tokens=None):
     """Validate the arguments of `compute_sequence_logps` (same signature) -> (plan, backend to run).
 
     Builds the TokenTargets (one host sync) unless `plan` is given; computes nothing else."""
@@ -188,8 +219,9 @@ def plan_sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=None, 
             f"token id, got {ignore_index}")
     backend = _float64_backend(backend, (hidden if fused else logits).dtype)
     if plan is None:
-        plan = token_targets(labels, seq_ids, vocab_size=vocab_size, ignore_index=ignore_index, shift=shift,
-                             num_sequences=num_sequences)
+        plan_fn = token_targets if max_scored_tokens is not None else _token_targets_with_host_checks
+        plan = plan_fn(labels, seq_ids, vocab_size=vocab_size, ignore_index=ignore_index, shift=shift,
+                       num_sequences=num_sequences, max_scored_tokens=max_scored_tokens)
     require(plan.vocab_size == vocab_size,
             f"the reference vocabulary ({vocab_size}) differs from the policy's ({plan.vocab_size})")
     return plan, backend
@@ -207,20 +239,21 @@ def compute_sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=Non
                            ignore_index=-100, shift=True, num_sequences=None, logit_scale=1.0, softcap=None,
                            temperature=1.0, backend="auto", check_finite=True, inplace_backward=False,
                            head_mode="auto", head_memory_budget=None, fp32_precision="ieee", plan=None,
-                           token_stats=False):
+                           token_stats=False, max_scored_tokens=None):
     """`sequence_logps` plus the per-sequence logit sums (for TRL's logits/* metrics) -> ComputedLogps.
 
     The head options are validated always and used by the fused form only (the public entry points refuse
     them for logits input). `plan` reuses the TokenTargets of an earlier call on the same labels (the
     reference model scores the policy's tokens). token_stats=True (fused form) also sums the tokens' entropies
     and top-1 hits per sequence, from the head's forward row pass (no extra matrix product).
+    max_scored_tokens: see `token_targets` (no host sync; check_finite becomes a device-side assert).
     """
     head_options = dict(head_mode=head_mode, head_memory_budget=head_memory_budget, fp32_precision=fp32_precision)
     transforms = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
     plan, backend = plan_sequence_logps(
         logits, labels, seq_ids, hidden=hidden, weight=weight, bias=bias, ignore_index=ignore_index, shift=shift,
         num_sequences=num_sequences, backend=backend, check_finite=check_finite, inplace_backward=inplace_backward,
-        plan=plan, token_stats=token_stats, **transforms, **head_options)
+        plan=plan, token_stats=token_stats, max_scored_tokens=max_scored_tokens, **transforms, **head_options)
     token_sums = None
     if hidden is not None:
         if is_vocab_sharded(weight):
@@ -238,7 +271,9 @@ def compute_sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=Non
             flat = flat.contiguous()
         logps, logit_sums = logits_sequence_logps(flat, *plan[:3], backend=backend,
                                                   inplace_backward=inplace_backward, **transforms)
-    if check_finite:
+    if check_finite and max_scored_tokens is not None:
+        torch._assert_async(torch.isfinite(logps).all(), "non-finite sequence log-probs")
+    elif check_finite:
         check_finite_logps({"hidden/weight" if hidden is not None else "logits": logps})
     return ComputedLogps(logps, plan.n_tokens, logit_sums, plan, token_sums)
 

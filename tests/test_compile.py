@@ -35,3 +35,22 @@ def test_compiled_loss_matches_eager_bitwise():
     compiled = torch.compile(_step, backend="aot_eager")(hidden, weight, labels, ref_logps)
     compiled_grads = torch.autograd.grad(compiled[0], (hidden, weight))
     assert all(torch.equal(a, b) for a, b in zip(eager + eager_grads, compiled + compiled_grads))
+
+
+def test_max_scored_tokens_runs_without_host_sync_or_graph_break():
+    """max_scored_tokens: device-side checks, a fixed number of head rows: a loop of steps is one graph."""
+    hidden, weight, labels, ref_logps = _batch(2)
+    n_scored = int((labels[:, 1:] != -100).sum())
+
+    def steps(hidden, weight, labels, ref_logps):
+        return [_step(hidden, weight, labels, ref_logps, max_scored_tokens=n_scored + 5) for _ in range(3)]
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(steps)(hidden, weight, labels, ref_logps)
+    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+    padded, plain = steps(hidden, weight, labels, ref_logps)[0], _step(hidden, weight, labels, ref_logps)
+    for a, b in zip(padded, plain):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    grads = torch.autograd.grad(padded[0], (hidden, weight)), torch.autograd.grad(plain[0], (hidden, weight))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
