@@ -18,6 +18,7 @@ from .transforms import transform_scalars, transformed_logits, transformed_logit
 
 MAX_BLOCK_V = 4096
 NUM_WARPS = 8
+NUM_WARPS_WRITE_GRAD = 16  # the write_grad pass holds more per thread: 8 warps spill on sm_80 (0 with 16)
 LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -111,6 +112,12 @@ def _row_logps_bwd_kernel(
         tl.store(grad_row + cols, tl.where(active, grad, 0.0).to(grad_ptr.dtype.element_ty), mask=in_vocab)
 
 
+def _fwd_warps(write_grad, token_stats):
+    """Warps of the forward kernel: the variants that hold the most per thread get more warps (0 spills on sm_80
+    and sm_90, scripts/compile_check.py)."""
+    return NUM_WARPS_WRITE_GRAD if write_grad and not token_stats else NUM_WARPS
+
+
 def _block_v(V):
     return min(triton.next_power_of_2(V), MAX_BLOCK_V)
 
@@ -167,7 +174,7 @@ def row_logps_forward(logits, targets, *, logit_scale=1.0, softcap=None, tempera
         _row_logps_fwd_kernel[(N,)](
             logits, logits.stride(0), grad, grad.stride(0), targets.contiguous(), row_logp, stats, logit_sum,
             entropy, top1, N, V, *scalars, HAS_SOFTCAP=softcap is not None, WRITE_GRAD=bool(write_grad),
-            TOKEN_STATS=bool(token_stats), BLOCK_V=_block_v(V), num_warps=NUM_WARPS,
+            TOKEN_STATS=bool(token_stats), BLOCK_V=_block_v(V), num_warps=_fwd_warps(write_grad, token_stats),
         )
     return (row_logp, stats, logit_sum, entropy, top1) if token_stats else (row_logp, stats, logit_sum)
 
@@ -201,27 +208,29 @@ def row_logps_backward(logits, targets, stats, grad_rows, *, out=None, logit_sca
 
 
 def _aot_specs():
-    """Every compiled variant: fp32 / bf16 logits, with and without softcap, forward with and without
-    write_grad, at BLOCK_V = MAX_BLOCK_V and the JIT's specialisation for aligned rows (V % 16 == 0:
-    32000, 128256, 151936, 262144, ...)."""
+    """Every compiled variant: fp32 / bf16 logits, with and without softcap, forward plain, with write_grad
+    (the head's stored mode: fp32 logits in, U out in the named dtype), each with and without token_stats, at
+    BLOCK_V = MAX_BLOCK_V and the JIT's specialisation for aligned rows (V % 16 == 0: 32000, 128256, 151936,
+    262144, ...)."""
     scalars = {"logit_scale": "fp32", "softcap": "fp32", "inv_temp": "fp32"}
     specs = []
     for dtype in ("fp32", "bf16"):
         for softcap in (False, True):
             tag = f"{dtype}{',softcap' if softcap else ''}"
-            for write_grad in (False, True):
+            for write_grad, token_stats in ((False, False), (False, True), (True, False), (True, True)):
+                suffix = (",write_grad" if write_grad else "") + (",token_stats" if token_stats else "")
                 specs.append(dict(
-                    name=f"row_logps_fwd[{tag}{',write_grad' if write_grad else ''}]", fn=_row_logps_fwd_kernel,
+                    name=f"row_logps_fwd[{tag}{suffix}]", fn=_row_logps_fwd_kernel,
                     signature={"logits_ptr": "*fp32" if write_grad else f"*{dtype}", "stride_logits": "i64",
                                "grad_ptr": f"*{dtype}", "stride_grad": "i64", "targets_ptr": "*i64",
                                "row_logp_ptr": "*fp32", "stats_ptr": "*fp32", "logit_sum_ptr": "*fp32",
                                "entropy_ptr": "*fp32", "top1_ptr": "*i1", "N": "i32", "V": "i32",
                                **scalars, "HAS_SOFTCAP": "constexpr", "WRITE_GRAD": "constexpr",
                                "TOKEN_STATS": "constexpr", "BLOCK_V": "constexpr"},
-                    constexprs={"HAS_SOFTCAP": softcap, "WRITE_GRAD": write_grad, "TOKEN_STATS": False,
+                    constexprs={"HAS_SOFTCAP": softcap, "WRITE_GRAD": write_grad, "TOKEN_STATS": token_stats,
                                 "BLOCK_V": MAX_BLOCK_V},
                     divisible=("logits_ptr", "stride_logits", "grad_ptr", "stride_grad", "V"),
-                    num_warps=NUM_WARPS, num_stages=3))
+                    num_warps=_fwd_warps(write_grad, token_stats), num_stages=3))
             specs.append(dict(
                 name=f"row_logps_bwd[{tag}]", fn=_row_logps_bwd_kernel,
                 signature={"logits_ptr": "*fp32", "stride_logits": "i64", "grad_ptr": f"*{dtype}",
