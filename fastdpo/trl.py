@@ -3,24 +3,33 @@
     from fastdpo.trl import DPOConfig, DPOTrainer      # instead of: from trl import DPOConfig, DPOTrainer
 
 Same arguments, datasets (conversational or not, tokenized by TRL), callbacks, config fields and logged
-metrics. What changes is how a batch is scored:
+metrics (``total_flos`` and ``num_input_tokens_seen`` count TRL's padded batch, as TRL logs them). What
+changes is how a batch is scored:
 
 * the pairs of a batch are packed without padding, one copy of the prompt per pair (``shared_prompt``), by
-  :class:`DataCollatorForPackedPreference`;
+  :class:`DataCollatorForPackedPreference` (a custom ``data_collator`` yielding TRL's padded keys is
+  unpadded and packed the same way);
 * the model is called through its outermost ``__call__`` (DDP, FSDP2, accelerate's autocast, torch.compile,
   PEFT, gradient checkpointing) with the LM head skipped, and the completion tokens are scored by fastdpo's
   fused LM-head loss: the logits are never materialised;
 * the reference runs on the fly (a separate ``ref_model``, or the PEFT model with its adapter disabled), or
-  comes from TRL's ``precompute_ref_log_probs``; ``sync_ref_model`` (TR-DPO) is TRL's own callback.
+  comes from TRL's ``precompute_ref_log_probs``; ``sync_ref_model`` (TR-DPO) is TRL's own callback; a
+  reference-free loss (``simpo``, ``sft``) runs no reference at all;
+* evaluation with ``compute_metrics`` gets fastdpo's EvalPrediction: ``predictions`` [N, 4] = per pair
+  (chosen log-prob, rejected log-prob, chosen reward, rejected reward) (:data:`PREDICTION_COLUMNS`),
+  ``label_ids`` [N] = 0 (the chosen response, column 0 / 2, is the preferred one).
 
-TRL options fastdpo cannot honour (``ld_alpha``, MoE auxiliary loss, vision datasets, ``compute_metrics`` on
-logits, custom collators, ``truncation_mode="keep_end"``) raise at construction.
+Refused at construction, naming the option: ``truncation_mode="keep_end"`` with ``max_length``, vision
+datasets, Mixture-of-Experts auxiliary losses, ``ld_alpha`` with ``loss_type`` ``sft``; see
+:data:`TRL_CONFIG_FIELDS` for every TRL 1.16 DPOConfig field.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -29,15 +38,24 @@ try:
 except ImportError as error:  # an optional dependency
     raise ImportError("fastdpo.trl needs TRL 1.16: pip install 'fastdpo[trl]'") from error
 from accelerate.utils import is_peft_model
+from transformers.utils import logging
 from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer import dpo_trainer as trl_dpo_trainer
 from trl.trainer.utils import use_adapter
 
 import fastdpo
 from .losses import check_loss_config
 from .model import HeadInputs, forward_hidden, model_sequence_logps
-from .packing import PackedBatch, pack_pairs, pair_length
+from .packing import PackedBatch, pack_pairs, pair_length, pair_parts
+from .validate import check_bool, check_int, check_real, require
 
-__all__ = ["DPOConfig", "DPOTrainer", "DataCollatorForPackedPreference", "loss_groups"]
+__all__ = ["DPOConfig", "DPOTrainer", "DataCollatorForPackedPreference", "PackingCollator", "loss_groups",
+           "ld_token_weights", "PREDICTION_COLUMNS", "TRL_CONFIG_FIELDS"]
+
+logger = logging.get_logger(__name__)
+
+# fastdpo's EvalPrediction.predictions columns, one row per pair (see prediction_step)
+PREDICTION_COLUMNS = ("chosen_logps", "rejected_logps", "chosen_rewards", "rejected_rewards")
 
 
 @dataclass
@@ -56,10 +74,42 @@ class DPOConfig(trl.DPOConfig):
         default=True,
         metadata={"help": "Log TRL's `entropy` and `mean_token_accuracy` (one extra no-grad pass over the LM head "
                           "in chunks; logits are never materialised). False: these two metrics are not logged."})
+    simpo_gamma: float = field(
+        default=0.5,
+        metadata={"help": "Target reward margin of loss_type 'simpo' (as TRL's CPOConfig.simpo_gamma)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_bool("DPOConfig.shared_prompt", self.shared_prompt)
+        check_bool("DPOConfig.token_metrics", self.token_metrics)
+        check_int("DPOConfig.max_tokens_per_row", self.max_tokens_per_row, minimum=4, optional=True)
+        check_real("DPOConfig.simpo_gamma", self.simpo_gamma)
+        check_trl_fields(self)
 
 
-# The loss types TRL 1.16 applies label_smoothing to (it ignores the value for every other type).
-TRL_SMOOTHED_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
+def check_trl_fields(args: trl.DPOConfig) -> None:
+    """The TRL DPOConfig fields whose values fastdpo checks itself (TypeError / ValueError naming the field)."""
+    check_int("DPOConfig.max_length", args.max_length, minimum=2, optional=True)
+    check_real("DPOConfig.ld_alpha", args.ld_alpha, optional=True)
+    require(args.ld_alpha is None or 0.0 <= args.ld_alpha <= 1.0,
+            f"DPOConfig.ld_alpha must lie in [0.0, 1.0] (1.0: no down-weighting, 0.0: the tail beyond the shorter "
+            f"response is masked) or be None, got {args.ld_alpha}")
+    require(args.ld_alpha is None or "sft" not in args.loss_type,
+            f"DPOConfig.ld_alpha={args.ld_alpha} with loss_type 'sft': TRL's sft term uses the unweighted "
+            f"log-probs while every other term uses the LD-weighted ones; fastdpo computes only the weighted "
+            f"sums, so drop 'sft' or ld_alpha")
+    require(args.truncation_mode in ("keep_start", "keep_end"),
+            f"DPOConfig.truncation_mode must be 'keep_start' or 'keep_end', got {args.truncation_mode!r}")
+    require(args.max_length is None or args.truncation_mode == "keep_start",
+            f"DPOConfig.truncation_mode={args.truncation_mode!r} with max_length={args.max_length} (TRL's default "
+            f"is 1024): keep_end cuts the chosen and rejected sequences at different prompt tokens, which a "
+            f"packed pair (one prompt per pair) cannot hold; use truncation_mode='keep_start' (TRL's default; "
+            f"keep_end is deprecated in TRL 1.16) or max_length=None")
+
+
+# The loss types TRL 1.16 applies label_smoothing to (it ignores the value for every other type), plus simpo,
+# which TRL's CPOTrainer smooths.
+TRL_SMOOTHED_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired", "simpo")
 
 
 def loss_groups(args: trl.DPOConfig) -> list[dict[str, Any]]:
@@ -83,6 +133,8 @@ def loss_groups(args: trl.DPOConfig) -> list[dict[str, Any]]:
                      label_smoothing=args.label_smoothing if smoothed else 0.0)
         if "discopop" in group["loss_type"]:
             group["discopop_tau"] = args.discopop_tau
+        if "simpo" in group["loss_type"]:
+            group["gamma"] = getattr(args, "simpo_gamma", 0.5)
         try:
             check_loss_config(**group)
         except ValueError as error:  # fastdpo's `alpha` is TRL's f_alpha_divergence_coef
@@ -93,12 +145,17 @@ def loss_groups(args: trl.DPOConfig) -> list[dict[str, Any]]:
 
 @dataclass
 class DataCollatorForPackedPreference:
-    """TRL 1.16 tokenized rows (``prompt_ids``, ``chosen_ids``, ``rejected_ids``, optional ``ref_chosen_logps`` /
-    ``ref_rejected_logps``) -> {"packed": PackedBatch, "num_tokens": int64 scalar, ["ref_chosen_logps",
-    "ref_rejected_logps": [B] float32]}.
+    """TRL 1.16 tokenized rows (``prompt_ids``, ``chosen_ids``, ``rejected_ids``, or TRL < 1.0's
+    ``prompt_input_ids`` / ``chosen_input_ids`` / ``rejected_input_ids``; optional ``ref_chosen_logps`` /
+    ``ref_rejected_logps`` on every row) -> {"packed": PackedBatch, "num_tokens", "padded_tokens": int64
+    scalars, ["ref_chosen_logps", "ref_rejected_logps": [B] float64]}.
 
     Truncation is TRL's ``keep_start`` per sequence: prompt + completion cut to ``max_length`` tokens.
-    ``num_tokens`` counts what TRL's padded batch attends to (2 x prompt + chosen + rejected per pair).
+    ``num_tokens`` counts the tokens TRL's padded batch attends to (2 x prompt + chosen + rejected per pair),
+    ``padded_tokens`` the size of TRL's padded ``input_ids`` (2B x the longest sequence, rounded up to
+    ``pad_to_multiple_of``): the trainer's ``num_input_tokens_seen`` and ``total_flos`` use them as TRL does.
+    Reference log-probs are carried in float64 (exactly what the dataset holds); the trainer casts them to
+    the loss's dtype.
     """
 
     shared_prompt: bool = True
@@ -107,26 +164,118 @@ class DataCollatorForPackedPreference:
     pad_to_multiple_of: int | None = None
     pad_token_id: int = 0
 
+    def __post_init__(self):
+        check_bool("shared_prompt", self.shared_prompt)
+        check_int("max_length", self.max_length, minimum=2, optional=True)
+        check_int("max_tokens_per_row", self.max_tokens_per_row, minimum=4, optional=True)
+        check_int("pad_to_multiple_of", self.pad_to_multiple_of, minimum=1, optional=True)
+        check_int("pad_token_id", self.pad_token_id, minimum=0)
+
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        require(len(examples) > 0, "DataCollatorForPackedPreference: the batch is empty (no rows); a DataLoader "
+                                   "batch needs at least one preference row")
         prompts, chosen, rejected = [], [], []
         for i, example in enumerate(examples):
-            prompt = list(example["prompt_ids"])
+            try:
+                prompt, chosen_ids, rejected_ids = (list(part) for part in pair_parts(example))
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"DataCollatorForPackedPreference: row {i}: {error}") from None
             keep = None if self.max_length is None else self.max_length - len(prompt)
             if keep is not None and keep < 1:
-                raise ValueError(f"example {i}: its prompt ({len(prompt)} tokens) fills max_length={self.max_length}")
+                raise ValueError(f"row {i}: its prompt ({len(prompt)} tokens) fills max_length={self.max_length}")
             prompts.append(prompt)
-            chosen.append(list(example["chosen_ids"])[:keep])
-            rejected.append(list(example["rejected_ids"])[:keep])
-        lengths = [pair_length(len(p), len(c), len(r), self.shared_prompt) for p, c, r in zip(prompts, chosen, rejected)]
-        batch = pack_pairs(prompts, chosen, rejected, max_tokens=max(4, self.max_tokens_per_row or max(lengths)),
-                           shared_prompt=self.shared_prompt, pad_token_id=self.pad_token_id,
-                           pad_to_multiple_of=self.pad_to_multiple_of)
-        num_tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected))
-        out = {"packed": batch, "num_tokens": torch.tensor(num_tokens)}
-        for key in ("ref_chosen_logps", "ref_rejected_logps"):
-            if key in examples[0]:
-                out[key] = torch.tensor([example[key] for example in examples], dtype=torch.float32)
+            chosen.append(chosen_ids[:keep])
+            rejected.append(rejected_ids[:keep])
+        out = self.pack(prompts, chosen, rejected)
+        longest = max(len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected))
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        out["num_tokens"] = torch.tensor(sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)))
+        out["padded_tokens"] = torch.tensor(2 * len(examples) * longest)
+        out.update(reference_columns(examples))
         return out
+
+    def pack(self, prompts, chosen, rejected) -> dict[str, Any]:
+        """{"packed": PackedBatch} of token-id lists; a pair longer than max_tokens_per_row is an error."""
+        lengths = [pair_length(len(p), len(c), len(r), self.shared_prompt) for p, c, r in zip(prompts, chosen, rejected)]
+        budget = max(lengths) if self.max_tokens_per_row is None else self.max_tokens_per_row
+        too_long = [i for i, n in enumerate(lengths) if n > budget]
+        if too_long:
+            i = too_long[0]
+            raise ValueError(
+                f"max_tokens_per_row={budget}: pair {i} of this batch needs {lengths[i]} tokens "
+                f"({'shared' if self.shared_prompt else 'separate'}-prompt layout: prompt {len(prompts[i])}, chosen "
+                f"{len(chosen[i])}, rejected {len(rejected[i])}); raise DPOConfig.max_tokens_per_row, set it to None "
+                f"(each batch's longest pair) or lower DPOConfig.max_length")
+        return {"packed": pack_pairs(prompts, chosen, rejected, max_tokens=budget, shared_prompt=self.shared_prompt,
+                                     pad_token_id=self.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of)}
+
+
+def reference_columns(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """{"ref_chosen_logps", "ref_rejected_logps": [B] float64} when every row has them, {} when none has; a
+    batch where only some rows have them is an error."""
+    out = {}
+    for key in ("ref_chosen_logps", "ref_rejected_logps"):
+        have = [key in example for example in examples]
+        if any(have):
+            missing = [i for i, has in enumerate(have) if not has]
+            require(not missing, f"{key}: rows {missing[:10]} of the batch lack it while the others have it; "
+                                 f"precomputed reference log-probs must be on every row (or none)")
+            out[key] = torch.tensor([float(example[key]) for example in examples], dtype=torch.float64)
+    return out
+
+
+@dataclass
+class PackingCollator:
+    """A custom ``data_collator`` yielding TRL's padded keys, packed: ``input_ids``, ``attention_mask`` and
+    ``completion_mask`` [2B, L] (rows 0..B-1 prompt + chosen, rows B..2B-1 prompt + rejected, either padding
+    side; optional ``ref_chosen_logps`` / ``ref_rejected_logps`` [B]) -> the output of ``packer``.
+
+    The prompt of a row is its attended tokens with completion_mask 0, which must precede the completion
+    and be the same for the chosen and rejected row of a pair (packing keeps one prompt per pair).
+    ``num_tokens`` / ``padded_tokens`` are the custom batch's own (attention_mask sum, input_ids size).
+    """
+
+    collator: Callable[[list], dict]
+    packer: DataCollatorForPackedPreference
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        padded = self.collator(examples)
+        expected = {"input_ids", "attention_mask", "completion_mask"}
+        require(hasattr(padded, "keys") and expected <= set(padded.keys()),
+                f"data_collator must return TRL's padded keys {sorted(expected)} (chosen rows first, then "
+                f"rejected), got {sorted(padded.keys()) if hasattr(padded, 'keys') else type(padded).__name__}")
+        ids, attention, completion = (padded[k] for k in ("input_ids", "attention_mask", "completion_mask"))
+        require(ids.dim() == 2 and ids.shape[0] % 2 == 0 and ids.shape[0] > 0
+                and attention.shape == ids.shape == completion.shape,
+                f"data_collator: input_ids, attention_mask and completion_mask must share one shape [2B, L], got "
+                f"{tuple(ids.shape)}, {tuple(attention.shape)}, {tuple(completion.shape)}")
+        half = ids.shape[0] // 2
+        parts = [self._split(ids[k], attention[k], completion[k], k) for k in range(ids.shape[0])]
+        prompts = []
+        for i in range(half):
+            require(parts[i][0] == parts[half + i][0],
+                    f"data_collator: pair {i} has different prompts in its chosen row ({len(parts[i][0])} tokens) "
+                    f"and rejected row ({len(parts[half + i][0])} tokens); packing keeps one prompt per pair")
+            prompts.append(parts[i][0])
+        out = self.packer.pack(prompts, [p[1] for p in parts[:half]], [p[1] for p in parts[half:]])
+        out["num_tokens"] = attention.sum().long()
+        out["padded_tokens"] = torch.tensor(ids.numel())
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in padded:
+                out[key] = torch.as_tensor(padded[key]).to(torch.float64)
+        return out
+
+    @staticmethod
+    def _split(ids, attention, completion, row):
+        """(prompt, completion) token-id lists of one padded row."""
+        kept = attention.bool()
+        tokens, is_completion = ids[kept].tolist(), completion[kept].bool()
+        n_prompt = int((~is_completion).sum())
+        require(bool(is_completion[n_prompt:].all()) and n_prompt > 0 and n_prompt < len(tokens),
+                f"data_collator: row {row}: completion_mask must mark a non-empty completion after a non-empty "
+                f"prompt among the attended tokens")
+        return tokens[:n_prompt], tokens[n_prompt:]
 
 
 class TokenStatistics(NamedTuple):
@@ -175,13 +324,50 @@ def _wpo_weights(stats: TokenStatistics, num_sequences: int) -> torch.Tensor:
     return chosen * rejected
 
 
+def ld_token_weights(batch: PackedBatch, ld_alpha: float) -> torch.Tensor:
+    """LD-DPO token weights [R, T] fp32, aligned with batch.labels (TRL 1.16's split): 1 on the first
+    min(|y_c|, |y_r|) scored tokens of each response of a pair, ld_alpha on the rest."""
+    scored = (batch.labels != batch.ignore_index) & (batch.seq_ids >= 0)
+    scored[:, 0] = False  # position 0 of a row has no preceding logits (shifted scoring)
+    flat_scored = torch.nonzero(scored.reshape(-1)).squeeze(1)
+    seq = batch.seq_ids.reshape(-1)[flat_scored]
+    counts = torch.bincount(seq, minlength=batch.num_sequences)
+    order = torch.argsort(seq, stable=True)  # a sequence's tokens are contiguous and in order in its row
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device) - (torch.cumsum(counts, 0) - counts)[seq[order]]
+    shared = torch.minimum(*counts.chunk(2)).repeat(2)
+    weights = torch.zeros(scored.numel(), dtype=torch.float32, device=scored.device)
+    weights[flat_scored] = torch.where(rank < shared[seq], 1.0, float(ld_alpha))
+    return weights.reshape(scored.shape)
+
+
+@contextlib.contextmanager
+def _reference_not_loaded(policy_is_path: bool):
+    """TRL loads a reference model from the policy's path when ref_model is None (without PEFT or precompute);
+    a reference-free loss needs none. Inside this block TRL's loader returns None for that reference (the
+    policy itself, when given as a path, is still loaded)."""
+    load = trl_dpo_trainer.create_model_from_path
+    calls = []
+
+    def load_policy_only(*args, **kwargs):
+        calls.append(args)
+        return load(*args, **kwargs) if policy_is_path and len(calls) == 1 else None
+
+    trl_dpo_trainer.create_model_from_path = load_policy_only
+    try:
+        yield
+    finally:
+        trl_dpo_trainer.create_model_from_path = load
+
+
 class DPOTrainer(trl.DPOTrainer):
     """TRL 1.16's DPOTrainer with fastdpo's packed, logits-free loss. Same constructor and behaviour.
 
-    Refused at construction (ValueError / NotImplementedError naming the option): ``ld_alpha``, a custom
-    ``data_collator``, ``compute_metrics`` (logits are never built), ``truncation_mode="keep_end"`` with
-    ``max_length``, vision datasets, Mixture-of-Experts auxiliary losses, and invalid loss options (e.g.
-    ``label_smoothing`` outside [0, 0.5) for ``robust``, an unknown ``loss_type``).
+    Refused at construction, before tokenization (ValueError / NotImplementedError naming the option):
+    ``truncation_mode="keep_end"`` with ``max_length``, vision datasets, Mixture-of-Experts auxiliary losses,
+    invalid loss options (e.g. ``label_smoothing`` outside [0, 0.5) for ``robust``, an unknown
+    ``loss_type``), and, for a reference-free loss (``simpo``, ``sft``), a ``ref_model``,
+    ``precompute_ref_log_probs`` or ``sync_ref_model`` (there is no reference to use).
     """
 
     def __init__(self, model, ref_model=None, args: trl.DPOConfig | None = None, data_collator=None,
@@ -190,64 +376,146 @@ class DPOTrainer(trl.DPOTrainer):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
             args = DPOConfig(f"{name.split('/')[-1]}-DPO")
-        if args.ld_alpha is not None:
-            raise NotImplementedError("ld_alpha (LD-DPO) is not supported by fastdpo.trl.DPOTrainer: it needs "
-                                      "per-token weights that fastdpo.loss does not take; use ld_alpha=None")
-        if data_collator is not None and not isinstance(data_collator, DataCollatorForPackedPreference):
-            raise ValueError("data_collator: fastdpo.trl.DPOTrainer packs batches with its own "
-                             "DataCollatorForPackedPreference; pass data_collator=None or one of those")
-        if compute_metrics is not None:
-            raise ValueError("compute_metrics: fastdpo.trl.DPOTrainer never builds logits to pass to it; "
-                             "pass compute_metrics=None (the DPO metrics are logged as in TRL)")
-        if args.max_length is not None and args.truncation_mode != "keep_start":
-            raise ValueError(f"truncation_mode={args.truncation_mode!r}: packing shares one prompt per pair, so only "
-                             "'keep_start' (TRL's default) is supported; use it or max_length=None")
+        check_trl_fields(args)
         self._loss_groups = loss_groups(args)
+        self._reference_free = not any(check_loss_config(**group).needs_reference for group in self._loss_groups)
+        if self._reference_free:
+            for name, value in (("ref_model", ref_model is not None),
+                                ("precompute_ref_log_probs", args.precompute_ref_log_probs),
+                                ("sync_ref_model", args.sync_ref_model)):
+                require(not value, f"{name}: loss_type {list(args.loss_type)} uses no reference model, so there is "
+                                   f"no reference to {'compute' if name != 'ref_model' else 'use'}; pass "
+                                   f"{name}={None if name == 'ref_model' else False}")
+        self._refuse_unsupported_data_and_models(model, args, train_dataset)
         fastdpo_args = {f: getattr(args, f, default) for f, default in
                         (("shared_prompt", True), ("max_tokens_per_row", None), ("token_metrics", True))}
         self._token_metrics = fastdpo_args["token_metrics"]
+        packer = DataCollatorForPackedPreference(
+            shared_prompt=fastdpo_args["shared_prompt"], max_length=args.max_length,
+            max_tokens_per_row=fastdpo_args["max_tokens_per_row"], pad_to_multiple_of=args.pad_to_multiple_of)
         if data_collator is None:
-            data_collator = DataCollatorForPackedPreference(
-                shared_prompt=fastdpo_args["shared_prompt"], max_length=args.max_length,
-                max_tokens_per_row=fastdpo_args["max_tokens_per_row"], pad_to_multiple_of=args.pad_to_multiple_of)
-        super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
-                         train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
-                         callbacks=callbacks, optimizers=optimizers, quantization_config=quantization_config,
-                         peft_config=peft_config)
-        if self._is_vision_dataset:
-            raise NotImplementedError("vision datasets (images) are not supported by fastdpo.trl.DPOTrainer")
-        if self.aux_loss_enabled:
-            raise NotImplementedError("the Mixture-of-Experts auxiliary loss is not supported by fastdpo.trl."
-                                      "DPOTrainer; set router_aux_loss_coef=0.0")
+            data_collator = packer
+        elif not isinstance(data_collator, (DataCollatorForPackedPreference, PackingCollator)):
+            data_collator = PackingCollator(data_collator, dataclasses.replace(packer, max_length=None))
+        padding_free = args.padding_free
+        args.padding_free = False  # fastdpo always packs: TRL's "falling back to padding" warning does not apply
+        loading = _reference_not_loaded(isinstance(model, str)) if self._reference_free else contextlib.nullcontext()
+        try:
+            with loading:
+                super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
+                                 train_dataset=train_dataset, eval_dataset=eval_dataset,
+                                 processing_class=processing_class, compute_metrics=compute_metrics,
+                                 callbacks=callbacks, optimizers=optimizers, quantization_config=quantization_config,
+                                 peft_config=peft_config)
+        finally:
+            args.padding_free = padding_free
+        if self.aux_loss_enabled:  # a policy given as a path: its config is known only now
+            raise NotImplementedError(self._moe_refusal(args))
+        if isinstance(self.data_collator, DataCollatorForPackedPreference):
+            self.data_collator.pad_token_id = self._tokenizer.pad_token_id
+            self._check_pairs_fit(self.train_dataset, "train_dataset")
+        if self._reference_free:
+            logger.warning(f"fastdpo: loss_type {list(args.loss_type)} uses no reference model: no reference "
+                           f"model is loaded and no reference forward is run")
+
+    @staticmethod
+    def _moe_refusal(args) -> str:
+        return ("router_aux_loss_coef: the Mixture-of-Experts auxiliary loss is not supported by fastdpo.trl."
+                "DPOTrainer (its router logits are not computed on packed batches); set "
+                "DPOConfig(router_aux_loss_coef=0.0) to train without it")
+
+    def _refuse_unsupported_data_and_models(self, model, args, train_dataset) -> None:
+        """Vision data and MoE auxiliary losses, refused before TRL tokenizes anything."""
+        if train_dataset is not None and not isinstance(train_dataset, str):
+            sample = next(iter(train_dataset))
+            if "image" in sample or "images" in sample:
+                raise NotImplementedError("train_dataset: vision datasets (an 'image' / 'images' column) are not "
+                                          "supported by fastdpo.trl.DPOTrainer; use trl.DPOTrainer for them")
+        if not isinstance(model, str):
+            config = model.config.get_text_config()
+            coef = args.router_aux_loss_coef
+            coef = getattr(config, "router_aux_loss_coef", 0.0) if coef is None else coef
+            if hasattr(config, "output_router_logits") and coef != 0.0:
+                raise NotImplementedError(self._moe_refusal(args))
+
+    def _check_pairs_fit(self, dataset, name: str) -> None:
+        """Every tokenized pair of a map-style dataset fits max_tokens_per_row (after max_length truncation)."""
+        packer = self.data_collator
+        if packer.max_tokens_per_row is None or not hasattr(dataset, "column_names"):
+            return
+        prompt_lengths = [len(ids) for ids in dataset["prompt_ids"]]
+        cap = math.inf if packer.max_length is None else packer.max_length
+        for i, (n_prompt, chosen, rejected) in enumerate(zip(prompt_lengths, dataset["chosen_ids"],
+                                                             dataset["rejected_ids"])):
+            n_chosen, n_rejected = (min(len(ids), cap - n_prompt) for ids in (chosen, rejected))
+            needed = pair_length(n_prompt, n_chosen, n_rejected, packer.shared_prompt)
+            require(needed <= packer.max_tokens_per_row,
+                    f"DPOConfig.max_tokens_per_row={packer.max_tokens_per_row} is smaller than pair {i} of {name}, "
+                    f"which needs {needed} tokens ({'shared' if packer.shared_prompt else 'separate'}-prompt layout:"
+                    f" prompt {n_prompt}, chosen {n_chosen}, rejected {n_rejected}); raise max_tokens_per_row, set "
+                    f"it to None (each batch's longest pair) or lower max_length")
+
+    # -- token accounting: TRL's padded batch, which Trainer would measure on input_ids ------------------------
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """Trainer's estimate, 6 x tokens x non-embedding parameters, on TRL's padded batch (``padded_tokens``)."""
+        if not hasattr(self.model, "num_parameters"):
+            return 0
+        return 6 * int(inputs["padded_tokens"]) * self.model.num_parameters(exclude_embeddings=True)
+
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        """Trainer's num_input_tokens_seen: "all" counts TRL's padded input_ids, "non_padding" its attention mask."""
+        mode = self.args.include_num_input_tokens_seen
+        if mode == "no":
+            return
+        tokens = inputs["num_tokens"] if mode == "non_padding" else inputs["padded_tokens"]
+        tokens = torch.as_tensor(tokens, device=self.args.device, dtype=torch.int64)
+        self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
+
+    # -- scoring -------------------------------------------------------------------------------------------------
+
+    def _token_weights(self, batch: PackedBatch) -> torch.Tensor | None:
+        return None if self.ld_alpha is None else ld_token_weights(batch, self.ld_alpha)
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs (chosen [B], rejected [B]) of a packed batch: `model` (the reference) under no_grad,
-        or the PEFT policy with its adapter disabled (TRL's "ref" adapter if it has one)."""
+        or the PEFT policy with its adapter disabled (TRL's "ref" adapter if it has one); LD-weighted with
+        ld_alpha."""
         adapter = contextlib.nullcontext()
         if self.ref_model is None and is_peft_model(self.model):
             unwrapped = self.accelerator.unwrap_model(self.model)
             adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        batch = inputs["packed"]
+        weights = self._token_weights(batch)
         with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
               adapter, self.accelerator.autocast()):
-            logps = model_sequence_logps(model, inputs["packed"]).logps
+            logps = model_sequence_logps(model, batch, token_weights=weights).logps
         return logps.chunk(2)
 
-    def _compute_loss(self, model, inputs, return_outputs):
-        if return_outputs:
-            raise ValueError("return_outputs=True: fastdpo.trl.DPOTrainer never builds the logits")
-        mode = "train" if self.model.training else "eval"
+    def _reference_logps(self, inputs) -> torch.Tensor | None:
+        """[2B] reference log-probs (chosen then rejected), None for a reference-free loss."""
+        if self._reference_free:
+            return None
         if self.precompute_ref_logps:
-            ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
-        else:
-            reference = self.model if self.ref_model is None else self.ref_model
-            ref_logps = torch.cat(self.compute_ref_log_probs(reference, inputs))
+            return torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
+        reference = self.model if self.ref_model is None else self.ref_model
+        return torch.cat(self.compute_ref_log_probs(reference, inputs))
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        ref_logps = self._reference_logps(inputs)
         head = forward_hidden(model, inputs["packed"])
         batch = inputs["packed"].to(head.weight.device)
+        weights = self._token_weights(batch)
+        reference = {}
+        if ref_logps is not None:  # kept in float64 for a float64 model, else float32 (as TRL's batch holds them)
+            dtype = torch.float64 if head.hidden.dtype == torch.float64 else torch.float32
+            reference = dict(ref_logps=ref_logps.to(head.weight.device, dtype))
         with torch.autocast(head.weight.device.type, enabled=False):
             out = fastdpo.loss(hidden=head.hidden, weight=head.weight, bias=head.bias, logit_scale=head.logit_scale,
                                softcap=head.softcap, labels=batch.labels, seq_ids=batch.seq_ids,
                                ignore_index=batch.ignore_index, num_sequences=batch.num_sequences,
-                               ref_logps=ref_logps.to(head.weight.device, torch.float32), **self._loss_groups[0])
+                               token_weights=weights, **reference, **self._loss_groups[0])
             losses = out.losses
             for group in self._loss_groups[1:]:
                 losses = losses + fastdpo.preference_loss(
@@ -258,7 +526,12 @@ class DPOTrainer(trl.DPOTrainer):
             losses = losses * _wpo_weights(stats, batch.num_sequences)
         loss = losses.mean()
         self._log_metrics(mode, out, stats, inputs["num_tokens"], batch.num_pairs)
-        return loss
+        if not return_outputs:
+            return loss
+        outputs = {name: getattr(out, name).detach() for name in PREDICTION_COLUMNS}
+        outputs.update(ref_chosen_logps=out.ref_chosen_logps, ref_rejected_logps=out.ref_rejected_logps,
+                       losses=losses.detach(), metrics=out.metrics)
+        return loss, outputs
 
     def _log_metrics(self, mode: str, out, stats: TokenStatistics | None, num_tokens: torch.Tensor,
                      num_pairs: int) -> None:
@@ -289,7 +562,14 @@ class DPOTrainer(trl.DPOTrainer):
         metrics["logps/rejected"].append(self.accelerator.gather(out.rejected_logps.detach()).mean().item())
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """(loss, predictions, label_ids): fastdpo's EvalPrediction has ``predictions`` [B, 4] fp32, the columns
+        of PREDICTION_COLUMNS per pair, and ``label_ids`` [B] int64 zeros (the chosen response is preferred);
+        (loss, None, None) with prediction_loss_only."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            if prediction_loss_only:
+                return self.compute_loss(model, inputs).detach(), None, None
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        predictions = torch.stack([outputs[name].float() for name in PREDICTION_COLUMNS], dim=1)
+        return loss.detach(), predictions, torch.zeros(predictions.shape[0], dtype=torch.int64,
+                                                       device=predictions.device)

@@ -60,8 +60,9 @@ class Logs(TrainerCallback):
             self.steps.append(dict(logs))
 
 
-def train(trainer_cls, config_cls, tmp_path, steps=3, peft=False, **options):
+def train(trainer_cls, config_cls, tmp_path, steps=3, peft=False, with_ref=True, **options):
     policy, ref = tiny_models()
+    ref = ref if with_ref else None
     peft_config = None
     if peft:
         from peft import LoraConfig
@@ -77,6 +78,7 @@ def train(trainer_cls, config_cls, tmp_path, steps=3, peft=False, **options):
                           processing_class=tokenizer(), callbacks=[logs], peft_config=peft_config)
     trainer.train()
     weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    weights["total_flos"] = torch.tensor(trainer.state.total_flos, dtype=torch.float64)
     return logs.steps, weights
 
 
@@ -85,11 +87,16 @@ def assert_same_training(tmp_path, fastdpo_options=None, **options):
     got_logs, got_weights = train(fastdpo.trl.DPOTrainer, fastdpo.trl.DPOConfig, tmp_path,
                                   **options, **(fastdpo_options or {}))
     assert len(got_logs) == len(want_logs) == options.get("steps", 3)
+    assert got_weights["total_flos"] == want_weights["total_flos"] > 0  # TRL's padded batch, exactly
+    if options.get("include_num_input_tokens_seen", "no") != "no":
+        assert want_logs[-1]["num_input_tokens_seen"] > 0
     for step, (got, want) in enumerate(zip(got_logs, want_logs)):
         assert set(got) == set(want), (set(got) ^ set(want))
         assert {"loss", "entropy", "mean_token_accuracy", "num_tokens", "logits/chosen", "rewards/margins",
                 "logps/rejected", "grad_norm"} <= set(want)
         for key, value in want.items():
+            if "runtime" in key or "per_second" in key:  # wall-clock timings
+                continue
             assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key, got[key], value)
     assert want_logs[0]["loss"] != want_logs[-1]["loss"]  # the steps did train
     assert set(got_weights) == set(want_weights)
@@ -98,19 +105,91 @@ def assert_same_training(tmp_path, fastdpo_options=None, **options):
 
 
 @pytest.mark.parametrize("options", [
-    dict(loss_type=["sigmoid"]),
-    dict(loss_type=["ipo"], beta=0.5),
+    dict(loss_type=["sigmoid"], include_num_input_tokens_seen="all", padding_free=True),
+    dict(loss_type=["ipo"], beta=0.5, include_num_input_tokens_seen="non_padding"),
     dict(loss_type=["sigmoid", "robust", "sft", "apo_zero"], loss_weights=[1.0, 0.7, 0.3, 0.5], label_smoothing=0.1),
     dict(loss_type=["sigmoid"], f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3),
     dict(loss_type=["sigmoid"], f_divergence_type="js_divergence", use_weighting=True),  # TRL crashes on hinge+WPO
-], ids=["sigmoid", "ipo", "weighted-combination", "alpha-divergence", "js-divergence-wpo"])
+    dict(loss_type=["sigmoid", "sigmoid_norm"], ld_alpha=0.3, use_weighting=True),
+], ids=["sigmoid-tokens-seen", "ipo-non-padding-tokens", "weighted-combination", "alpha-divergence",
+        "js-divergence-wpo", "ld-dpo-wpo"])
 def test_same_as_trl_packed_shared_prompt(tmp_path, options):
     assert_same_training(tmp_path, **options)
 
 
 def test_same_as_trl_separate_prompts_precomputed_reference(tmp_path):
     assert_same_training(tmp_path, fastdpo_options=dict(shared_prompt=False), loss_type=["sigmoid"],
-                         precompute_ref_log_probs=True)
+                         precompute_ref_log_probs=True, pad_to_multiple_of=8, include_num_input_tokens_seen="all")
+
+
+def test_same_as_trl_ld_dpo_masked_tail_with_precomputed_reference(tmp_path):
+    """ld_alpha=0: only the first min(|y_c|, |y_r|) tokens count; the reference is precomputed with the weights."""
+    assert_same_training(tmp_path, loss_type=["sigmoid"], ld_alpha=0.0, precompute_ref_log_probs=True,
+                         max_length=9)
+
+
+def test_same_as_trl_custom_collator_is_packed(tmp_path):
+    """A custom data_collator yielding TRL's padded keys (here TRL's own, padding to a multiple of 4) is
+    unpadded and packed; token counts are that collator's."""
+    collator = trl.trainer.dpo_trainer.DataCollatorForPreference(pad_token_id=0, max_length=10, pad_to_multiple_of=4)
+    want_logs, want_weights = train(trl.DPOTrainer, trl.DPOConfig, tmp_path, loss_type=["sigmoid"], max_length=10,
+                                    pad_to_multiple_of=4, include_num_input_tokens_seen="all")
+    original = fastdpo.trl.DPOTrainer.__init__
+
+    def with_collator(self, *args, **kwargs):
+        original(self, *args, data_collator=collator, **kwargs)
+
+    fastdpo.trl.DPOTrainer.__init__ = with_collator
+    try:
+        got_logs, got_weights = train(fastdpo.trl.DPOTrainer, fastdpo.trl.DPOConfig, tmp_path, loss_type=["sigmoid"],
+                                      max_length=10, pad_to_multiple_of=4, include_num_input_tokens_seen="all")
+    finally:
+        fastdpo.trl.DPOTrainer.__init__ = original
+    for got, want in zip(got_logs, want_logs):
+        for key, value in want.items():
+            if "runtime" not in key and "per_second" not in key:
+                assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    for name, want in want_weights.items():
+        torch.testing.assert_close(got_weights[name], want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_sft_alone_needs_no_reference(tmp_path):
+    """loss_type sft: TRL runs (and ignores) a reference; fastdpo loads and runs none, same training."""
+    want_logs, want_weights = train(trl.DPOTrainer, trl.DPOConfig, tmp_path, loss_type=["sft"])
+    got_logs, got_weights = train(fastdpo.trl.DPOTrainer, fastdpo.trl.DPOConfig, tmp_path, with_ref=False,
+                                  loss_type=["sft"])
+    for got, want in zip(got_logs, want_logs):
+        for key in ("loss", "logps/chosen", "logps/rejected", "entropy", "mean_token_accuracy", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+    for name, want in want_weights.items():
+        torch.testing.assert_close(got_weights[name], want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_simpo_runs_no_reference_and_says_so(tmp_path, caplog, monkeypatch):
+    """SimPO: no reference is loaded or run (logged); the first step's loss is fastdpo's SimPO on that batch."""
+    import fastdpo.trl as fastdpo_trl
+    from fastdpo.model import model_loss
+
+    reference_forwards = []
+    monkeypatch.setattr(fastdpo_trl.DPOTrainer, "compute_ref_log_probs",
+                        lambda *a: reference_forwards.append(a))
+    policy, _ = tiny_models()
+    initial = copy.deepcopy(policy)
+    args = fastdpo.trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=1,
+                                 learning_rate=0.1, optim="sgd", logging_steps=1, report_to="none", save_strategy="no",
+                                 use_cpu=True, bf16=False, disable_tqdm=True, loss_type=["simpo"], beta=2.0,
+                                 simpo_gamma=0.3, label_smoothing=0.1)
+    logs = Logs()
+    with caplog.at_level("WARNING", logger="fastdpo.trl"):
+        trainer = fastdpo.trl.DPOTrainer(model=policy, args=args, train_dataset=preference_dataset(),
+                                         processing_class=tokenizer(), callbacks=[logs])
+    assert "no reference forward" in caplog.text and trainer.ref_model is None
+    trainer.train()
+    assert not reference_forwards
+    batch = DataCollatorForPackedPreference()(list(trainer.train_dataset))["packed"]
+    want = model_loss(initial, batch, loss_type="simpo", beta=2.0, gamma=0.3, label_smoothing=0.1)
+    assert logs.steps[0]["loss"] == pytest.approx(want.loss.item(), rel=1e-5)
+    assert logs.steps[0]["rewards/chosen"] == pytest.approx(want.metrics["rewards/chosen"].item(), rel=1e-5)
 
 
 def test_same_as_trl_sync_ref_model_and_max_length(tmp_path):
@@ -145,7 +224,8 @@ def test_collator_packs_trl_rows():
     sid, lab = batch.seq_ids[:, 1:], batch.labels[:, 1:]
     assert lab[sid == 0].tolist() == [8] and lab[sid == 1].tolist() == [12, 13, 14]
     assert lab[sid == 2].tolist() == [10] and lab[sid == 3].tolist() == [15, 16]
-    assert out["ref_chosen_logps"].tolist() == [-1.5, -3.0] and out["ref_rejected_logps"].dtype == torch.float32
+    assert out["ref_chosen_logps"].tolist() == [-1.5, -3.0] and out["ref_rejected_logps"].dtype == torch.float64
+    assert int(out["padded_tokens"]) == 2 * 2 * 4  # TRL pads 4 sequences to max_length
     assert batch.report.row_length <= max(3 + 1 + 1 + 1, 1 + 3 + 1 + 2)  # rows no longer than the longest pair
     with pytest.raises(ValueError, match="fills max_length"):
         DataCollatorForPackedPreference(max_length=3)(rows)
