@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
@@ -45,8 +46,8 @@ from trl.trainer.utils import use_adapter
 
 import fastdpo
 from .losses import check_loss_config
-from .model import HeadInputs, forward_hidden, model_sequence_logps
-from .packing import PackedBatch, pack_pairs, pair_length, pair_parts
+from .model import HeadInputs, forward_hidden, model_sequence_logps, unwrap_causal_lm
+from .packing import BRANCH_CONTEXT, BRANCH_PAD, PackedBatch, pack_pairs, pair_length, pair_parts
 from .validate import check_bool, check_int, check_real, require
 
 __all__ = ["DPOConfig", "DPOTrainer", "DataCollatorForPackedPreference", "PackingCollator", "loss_groups",
@@ -341,6 +342,54 @@ def ld_token_weights(batch: PackedBatch, ld_alpha: float) -> torch.Tensor:
     return weights.reshape(scored.shape)
 
 
+class RouterAuxLoss:
+    """The Mixture-of-Experts load-balancing loss of a Hugging Face MoE causal LM on a packed batch, as TRL
+    computes it on its padded batch.
+
+    Forward hooks on the model's routers (the module class of Transformers' own ``router_logits`` output
+    recorder) collect each layer's router logits [R * T, E]; the model's own ``load_balancing_loss_func``
+    averages them over the tokens of TRL's padded batch, which holds every token of a pair once except the
+    prompt, which it holds twice: each token is weighted by its count there (shared-prompt layout: 2 for
+    prompt[:-1], whose hidden states serve both responses; 0 for padding; 1 elsewhere).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        lm = unwrap_causal_lm(model)
+        recorder = getattr(lm, "_can_record_outputs", None) or {}
+        recorder = recorder.get("router_logits")
+        self.loss_fn = getattr(sys.modules[type(lm).__module__], "load_balancing_loss_func", None)
+        self.num_experts = getattr(lm, "num_experts", None)
+        self.top_k = getattr(lm, "num_experts_per_tok", None)
+        require(recorder is not None and self.loss_fn is not None and self.num_experts and self.top_k,
+                f"router_aux_loss_coef: {type(lm).__name__} has no router_logits recorder / "
+                f"load_balancing_loss_func / num_experts / num_experts_per_tok that fastdpo can read; set "
+                f"DPOConfig(router_aux_loss_coef=0.0) to train without the auxiliary loss")
+        self.routers = [m for m in lm.modules() if isinstance(m, recorder.target_class)]
+        self.index = recorder.index
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Collects the router logits of the forwards run inside the block (a list, in layer order)."""
+        logits = []
+
+        def record(module, args, output):
+            logits.append(output[self.index] if isinstance(output, (tuple, list)) else output)
+
+        hooks = [router.register_forward_hook(record) for router in self.routers]
+        try:
+            yield logits
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def __call__(self, router_logits: list[torch.Tensor], batch: PackedBatch) -> torch.Tensor:
+        counts = torch.ones(batch.branch_ids.shape, dtype=torch.float32, device=batch.branch_ids.device)
+        if batch.shared_prompt:
+            counts[batch.branch_ids == BRANCH_CONTEXT] = 2.0
+        counts[batch.branch_ids == BRANCH_PAD] = 0.0
+        return self.loss_fn(tuple(router_logits), self.num_experts, self.top_k, counts.reshape(-1))
+
+
 @contextlib.contextmanager
 def _reference_not_loaded(policy_is_path: bool):
     """TRL loads a reference model from the policy's path when ref_model is None (without PEFT or precompute);
@@ -409,8 +458,7 @@ class DPOTrainer(trl.DPOTrainer):
                                  peft_config=peft_config)
         finally:
             args.padding_free = padding_free
-        if self.aux_loss_enabled:  # a policy given as a path: its config is known only now
-            raise NotImplementedError(self._moe_refusal(args))
+        self._router_aux_loss = RouterAuxLoss(self.model) if self.aux_loss_enabled else None
         if isinstance(self.data_collator, DataCollatorForPackedPreference):
             self.data_collator.pad_token_id = self._tokenizer.pad_token_id
             self._check_pairs_fit(self.train_dataset, "train_dataset")
@@ -418,14 +466,8 @@ class DPOTrainer(trl.DPOTrainer):
             logger.warning(f"fastdpo: loss_type {list(args.loss_type)} uses no reference model: no reference "
                            f"model is loaded and no reference forward is run")
 
-    @staticmethod
-    def _moe_refusal(args) -> str:
-        return ("router_aux_loss_coef: the Mixture-of-Experts auxiliary loss is not supported by fastdpo.trl."
-                "DPOTrainer (its router logits are not computed on packed batches); set "
-                "DPOConfig(router_aux_loss_coef=0.0) to train without it")
-
     def _refuse_unsupported_data_and_models(self, model, args, train_dataset) -> None:
-        """Vision data and MoE auxiliary losses, refused before TRL tokenizes anything."""
+        """Vision data, and router_aux_loss_coef on a model without routers, refused before TRL tokenizes."""
         if train_dataset is not None and not isinstance(train_dataset, str):
             sample = next(iter(train_dataset))
             if "image" in sample or "images" in sample:
@@ -434,9 +476,11 @@ class DPOTrainer(trl.DPOTrainer):
         if not isinstance(model, str):
             config = model.config.get_text_config()
             coef = args.router_aux_loss_coef
-            coef = getattr(config, "router_aux_loss_coef", 0.0) if coef is None else coef
-            if hasattr(config, "output_router_logits") and coef != 0.0:
-                raise NotImplementedError(self._moe_refusal(args))
+            require(not coef or hasattr(config, "output_router_logits"),
+                    f"router_aux_loss_coef={coef}: {type(model).__name__} is not a Mixture-of-Experts model that "
+                    f"returns router logits, so there is no auxiliary loss to weight; leave it None or 0.0")
+            if hasattr(config, "output_router_logits") and (coef is None or coef != 0.0):
+                RouterAuxLoss(model)  # refuses an MoE model whose router logits fastdpo cannot read
 
     def _check_pairs_fit(self, dataset, name: str) -> None:
         """Every tokenized pair of a map-style dataset fits max_tokens_per_row (after max_length truncation)."""
@@ -504,7 +548,8 @@ class DPOTrainer(trl.DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         ref_logps = self._reference_logps(inputs)
-        head = forward_hidden(model, inputs["packed"])
+        with self._router_aux_loss.recording() if self._router_aux_loss else contextlib.nullcontext([]) as routed:
+            head = forward_hidden(model, inputs["packed"])
         batch = inputs["packed"].to(head.weight.device)
         weights = self._token_weights(batch)
         reference = {}
@@ -525,6 +570,10 @@ class DPOTrainer(trl.DPOTrainer):
         if self.use_weighting:
             losses = losses * _wpo_weights(stats, batch.num_sequences)
         loss = losses.mean()
+        if self._router_aux_loss is not None:  # TRL: loss + router_aux_loss_coef * aux_loss, aux_loss logged
+            aux_loss = self._router_aux_loss(routed, batch.to(routed[0].device))
+            loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
         self._log_metrics(mode, out, stats, inputs["num_tokens"], batch.num_pairs)
         if not return_outputs:
             return loss

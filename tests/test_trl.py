@@ -38,6 +38,23 @@ def preference_dataset(n=8, seed=0):
                               "rejected": [" " + r for _, _, r in rows]})
 
 
+def tiny_mixtral():
+    """A tiny Mixture-of-Experts model (4 experts, top-2) and a perturbed copy as the reference."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=len(WORDS) + 3, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=64, attn_implementation="sdpa", pad_token_id=0, eos_token_id=1,
+                           bos_token_id=1, router_aux_loss_coef=0.02)
+    policy = MixtralForCausalLM(config)
+    ref = copy.deepcopy(policy)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return policy, ref
+
+
 def tiny_models():
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(WORDS) + 3, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -60,8 +77,8 @@ class Logs(TrainerCallback):
             self.steps.append(dict(logs))
 
 
-def train(trainer_cls, config_cls, tmp_path, steps=3, peft=False, with_ref=True, **options):
-    policy, ref = tiny_models()
+def train(trainer_cls, config_cls, tmp_path, steps=3, peft=False, with_ref=True, models=tiny_models, **options):
+    policy, ref = models()
     ref = ref if with_ref else None
     peft_config = None
     if peft:
@@ -94,6 +111,7 @@ def assert_same_training(tmp_path, fastdpo_options=None, **options):
         assert set(got) == set(want), (set(got) ^ set(want))
         assert {"loss", "entropy", "mean_token_accuracy", "num_tokens", "logits/chosen", "rewards/margins",
                 "logps/rejected", "grad_norm"} <= set(want)
+        assert ("aux_loss" in want) == (options.get("models") is tiny_mixtral)
         for key, value in want.items():
             if "runtime" in key or "per_second" in key:  # wall-clock timings
                 continue
@@ -151,6 +169,13 @@ def test_same_as_trl_custom_collator_is_packed(tmp_path):
                 assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     for name, want in want_weights.items():
         torch.testing.assert_close(got_weights[name], want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_same_as_trl_mixture_of_experts_router_aux_loss(tmp_path):
+    """Mixtral: TRL adds router_aux_loss_coef x the load-balancing loss of its padded batch and logs aux_loss;
+    fastdpo computes it on the packed batch (the prompt counted twice, as TRL's batch holds it)."""
+    assert_same_training(tmp_path, models=tiny_mixtral, loss_type=["sigmoid"], router_aux_loss_coef=0.5,
+                         max_length=9)
 
 
 def test_sft_alone_needs_no_reference(tmp_path):
