@@ -19,9 +19,9 @@ changes is how a batch is scored:
   (chosen log-prob, rejected log-prob, chosen reward, rejected reward) (:data:`PREDICTION_COLUMNS`),
   ``label_ids`` [N] = 0 (the chosen response, column 0 / 2, is the preferred one).
 
-Refused at construction, naming the option: ``truncation_mode="keep_end"`` with ``max_length``, vision
-datasets, Mixture-of-Experts auxiliary losses, ``ld_alpha`` with ``loss_type`` ``sft``; see
-:data:`TRL_CONFIG_FIELDS` for every TRL 1.16 DPOConfig field.
+Refused at construction, naming the option: ``truncation_mode="keep_end"`` where it would cut a pair, vision
+datasets, ``ld_alpha`` with ``loss_type`` ``sft``; see :data:`TRL_CONFIG_FIELDS` for every TRL 1.16
+DPOConfig field.
 """
 from __future__ import annotations
 
@@ -101,12 +101,36 @@ def check_trl_fields(args: trl.DPOConfig) -> None:
             f"sums, so drop 'sft' or ld_alpha")
     require(args.truncation_mode in ("keep_start", "keep_end"),
             f"DPOConfig.truncation_mode must be 'keep_start' or 'keep_end', got {args.truncation_mode!r}")
-    require(args.max_length is None or args.truncation_mode == "keep_start",
-            f"DPOConfig.truncation_mode={args.truncation_mode!r} with max_length={args.max_length} (TRL's default "
-            f"is 1024): keep_end cuts the chosen and rejected sequences at different prompt tokens, which a "
-            f"packed pair (one prompt per pair) cannot hold; use truncation_mode='keep_start' (TRL's default; "
-            f"keep_end is deprecated in TRL 1.16) or max_length=None")
 
+
+# Every field TRL 1.16's DPOConfig declares (itself or in TRL's base config) and what fastdpo.trl does with it;
+# tests/test_trl.py walks them all.
+_TRL_OWN = "supported: TRL's own handling, unchanged"
+_TRL_LOSS = "supported: same meaning, computed by fastdpo.loss (tested against TRL)"
+TRL_CONFIG_FIELDS = {
+    "learning_rate": _TRL_OWN, "model_init_kwargs": _TRL_OWN, "trust_remote_code": _TRL_OWN,
+    "disable_dropout": _TRL_OWN, "dataset_num_proc": _TRL_OWN, "logging_steps": _TRL_OWN,
+    "gradient_checkpointing": _TRL_OWN, "lr_scheduler_kwargs": _TRL_OWN, "torch_empty_cache_steps": _TRL_OWN,
+    "activation_offloading": _TRL_OWN, "pad_token": _TRL_OWN + " (deprecated; padding never reaches the loss)",
+    "use_liger_kernel": _TRL_OWN + " (layer kernels only, as TRL: the fused LM head stays fastdpo's)",
+    "precompute_ref_batch_size": _TRL_OWN + " (batches packed by fastdpo)",
+    "sync_ref_model": _TRL_OWN + " (TR-DPO callback)", "ref_model_mixup_alpha": _TRL_OWN,
+    "ref_model_sync_steps": _TRL_OWN, "bf16": _TRL_OWN + " (accelerate's autocast around the model call)",
+    "precompute_ref_log_probs": "supported: TRL's precompute, scored by fastdpo (refused for a reference-free "
+                                "loss)",
+    "max_length": "supported: keep_start truncation per sequence, as TRL's collator",
+    "truncation_mode": "supported: keep_start; keep_end where it cuts no pair (refused, naming the pair, where "
+                       "it would: one packed pair holds one prompt)",
+    "padding_free": "supported: fastdpo always packs without padding (TRL's fallback warning does not apply)",
+    "pad_to_multiple_of": "supported: packed rows padded to the multiple; token counts as TRL's",
+    "router_aux_loss_coef": "supported: MoE load-balancing loss on the packed batch, as TRL (refused on a model "
+                            "without routers)",
+    "ld_alpha": "supported: LD-DPO token weights (refused with loss_type 'sft')",
+    "loss_type": _TRL_LOSS + "; also 'simpo' (no reference); unknown types refused",
+    "loss_weights": _TRL_LOSS, "f_divergence_type": _TRL_LOSS, "f_alpha_divergence_coef": _TRL_LOSS,
+    "label_smoothing": _TRL_LOSS + " (out-of-range values refused)", "beta": _TRL_LOSS,
+    "use_weighting": _TRL_LOSS + " (WPO)", "discopop_tau": _TRL_LOSS,
+}
 
 # The loss types TRL 1.16 applies label_smoothing to (it ignores the value for every other type), plus simpo,
 # which TRL's CPOTrainer smooths.
@@ -413,10 +437,11 @@ class DPOTrainer(trl.DPOTrainer):
     """TRL 1.16's DPOTrainer with fastdpo's packed, logits-free loss. Same constructor and behaviour.
 
     Refused at construction, before tokenization (ValueError / NotImplementedError naming the option):
-    ``truncation_mode="keep_end"`` with ``max_length``, vision datasets, Mixture-of-Experts auxiliary losses,
-    invalid loss options (e.g. ``label_smoothing`` outside [0, 0.5) for ``robust``, an unknown
+    vision datasets, ``router_aux_loss_coef`` on a model without routers, invalid loss options (e.g. ``label_smoothing`` outside [0, 0.5) for ``robust``, an unknown
     ``loss_type``), and, for a reference-free loss (``simpo``, ``sft``), a ``ref_model``,
-    ``precompute_ref_log_probs`` or ``sync_ref_model`` (there is no reference to use).
+    ``precompute_ref_log_probs`` or ``sync_ref_model`` (there is no reference to use). Refused as TRL
+    tokenizes, before any reference precompute: ``truncation_mode="keep_end"`` where ``max_length`` would cut
+    a pair, and a pair longer than ``max_tokens_per_row``.
     """
 
     def __init__(self, model, ref_model=None, args: trl.DPOConfig | None = None, data_collator=None,
@@ -446,6 +471,8 @@ class DPOTrainer(trl.DPOTrainer):
             data_collator = packer
         elif not isinstance(data_collator, (DataCollatorForPackedPreference, PackingCollator)):
             data_collator = PackingCollator(data_collator, dataclasses.replace(packer, max_length=None))
+        # the datasets are checked against this as TRL tokenizes them (_prepare_dataset), before any precompute
+        self._packer = data_collator if isinstance(data_collator, DataCollatorForPackedPreference) else None
         padding_free = args.padding_free
         args.padding_free = False  # fastdpo always packs: TRL's "falling back to padding" warning does not apply
         loading = _reference_not_loaded(isinstance(model, str)) if self._reference_free else contextlib.nullcontext()
@@ -461,7 +488,6 @@ class DPOTrainer(trl.DPOTrainer):
         self._router_aux_loss = RouterAuxLoss(self.model) if self.aux_loss_enabled else None
         if isinstance(self.data_collator, DataCollatorForPackedPreference):
             self.data_collator.pad_token_id = self._tokenizer.pad_token_id
-            self._check_pairs_fit(self.train_dataset, "train_dataset")
         if self._reference_free:
             logger.warning(f"fastdpo: loss_type {list(args.loss_type)} uses no reference model: no reference "
                            f"model is loaded and no reference forward is run")
@@ -482,22 +508,46 @@ class DPOTrainer(trl.DPOTrainer):
             if hasattr(config, "output_router_logits") and (coef is None or coef != 0.0):
                 RouterAuxLoss(model)  # refuses an MoE model whose router logits fastdpo cannot read
 
-    def _check_pairs_fit(self, dataset, name: str) -> None:
-        """Every tokenized pair of a map-style dataset fits max_tokens_per_row (after max_length truncation)."""
-        packer = self.data_collator
-        if packer.max_tokens_per_row is None or not hasattr(dataset, "column_names"):
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """TRL's tokenization, then the checks that need token counts (before any reference precompute)."""
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if self._packer is not None:
+            self._check_pairs(dataset, dataset_name, args)
+        return dataset
+
+    def _check_pairs(self, dataset, name: str, args) -> None:
+        """truncation_mode='keep_end' only where it cuts nothing (then it equals keep_start: a pair cut by
+        keep_end has different prompts in its chosen and rejected sequences, which one packed pair cannot hold),
+        and every pair within max_tokens_per_row after max_length truncation."""
+        packer, keep_end = self._packer, args.max_length is not None and args.truncation_mode == "keep_end"
+        if not hasattr(dataset, "column_names"):  # an IterableDataset: no lengths before training
+            require(not keep_end, f"DPOConfig.truncation_mode='keep_end' with max_length={args.max_length}: fastdpo "
+                                  f"accepts it only for data it does not truncate, which an IterableDataset does "
+                                  f"not let it check; use truncation_mode='keep_start' (TRL's default) or "
+                                  f"max_length=None")
             return
-        prompt_lengths = [len(ids) for ids in dataset["prompt_ids"]]
-        cap = math.inf if packer.max_length is None else packer.max_length
-        for i, (n_prompt, chosen, rejected) in enumerate(zip(prompt_lengths, dataset["chosen_ids"],
-                                                             dataset["rejected_ids"])):
+        if packer.max_tokens_per_row is None and not keep_end:
+            return
+        cap = math.inf if args.max_length is None else args.max_length
+        for i, (prompt, chosen, rejected) in enumerate(zip(dataset["prompt_ids"], dataset["chosen_ids"],
+                                                           dataset["rejected_ids"])):
+            n_prompt = len(prompt)
+            require(not keep_end or n_prompt + max(len(chosen), len(rejected)) <= cap,
+                    f"DPOConfig.truncation_mode='keep_end' with max_length={args.max_length} (TRL's default is "
+                    f"1024): pair {i} of the {name} dataset ({n_prompt} prompt, {len(chosen)} chosen, "
+                    f"{len(rejected)} rejected tokens) would be cut at different prompt tokens in its chosen and "
+                    f"rejected sequences, which a packed pair (one prompt) cannot hold; use "
+                    f"truncation_mode='keep_start' (TRL's default; keep_end is deprecated in TRL 1.16), a larger "
+                    f"max_length, or max_length=None")
+            if packer.max_tokens_per_row is None:
+                continue
             n_chosen, n_rejected = (min(len(ids), cap - n_prompt) for ids in (chosen, rejected))
             needed = pair_length(n_prompt, n_chosen, n_rejected, packer.shared_prompt)
             require(needed <= packer.max_tokens_per_row,
-                    f"DPOConfig.max_tokens_per_row={packer.max_tokens_per_row} is smaller than pair {i} of {name}, "
-                    f"which needs {needed} tokens ({'shared' if packer.shared_prompt else 'separate'}-prompt layout:"
-                    f" prompt {n_prompt}, chosen {n_chosen}, rejected {n_rejected}); raise max_tokens_per_row, set "
-                    f"it to None (each batch's longest pair) or lower max_length")
+                    f"DPOConfig.max_tokens_per_row={packer.max_tokens_per_row} is smaller than pair {i} of the "
+                    f"{name} dataset, which needs {needed} tokens ({'shared' if packer.shared_prompt else 'separate'}"
+                    f"-prompt layout: prompt {n_prompt}, chosen {n_chosen}, rejected {n_rejected}); raise "
+                    f"max_tokens_per_row, set it to None (each batch's longest pair) or lower max_length")
 
     # -- token accounting: TRL's padded batch, which Trainer would measure on input_ids ------------------------
 
