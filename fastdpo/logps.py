@@ -62,10 +62,9 @@ def token_targets(labels, seq_ids, *, vocab_size, ignore_index, shift, num_seque
     first_bad = rows.reshape(-1).index_select(0, out_of_range.to(torch.uint8).argmax().reshape(1))[0]
     n_bad, bad, seq_min, seq_max, n_scored = torch.stack(
         [out_of_range.sum(), first_bad, seq.min(), seq.max(), scored.sum()]).tolist()  # the one host sync
-    require(seq_min >= -1, f"seq_ids must be >= -1 (-1 = no sequence; sequences are numbered from 0), "
-                           f"found {seq_min}")
     if num_sequences is None:
-        require(seq_max >= 0, "seq_ids hold no sequence (all -1): nothing to score")
+        require(seq_max >= 0, "seq_ids hold no sequence (all -1): nothing to score" if seq_min == -1 else
+                f"seq_ids must be >= -1 (-1 = no sequence; sequences are numbered from 0), found {seq_min}")
         num_sequences = seq_max + 1
     require(seq_min >= -1 and seq_max < num_sequences,
             f"seq_ids must lie in [-1, {num_sequences}) (-1 = no sequence; num_sequences={num_sequences}), "
