@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
+import numpy as np
+import pyarrow.compute as pc
 import torch
 
 try:
@@ -528,26 +529,30 @@ class DPOTrainer(trl.DPOTrainer):
             return
         if packer.max_tokens_per_row is None and not keep_end:
             return
-        cap = math.inf if args.max_length is None else args.max_length
-        for i, (prompt, chosen, rejected) in enumerate(zip(dataset["prompt_ids"], dataset["chosen_ids"],
-                                                           dataset["rejected_ids"])):
-            n_prompt = len(prompt)
-            require(not keep_end or n_prompt + max(len(chosen), len(rejected)) <= cap,
+        columns = dataset.with_format("arrow")  # lengths straight from the Arrow columns: no Python lists
+        n_prompt, n_chosen, n_rejected = (pc.list_value_length(columns[column]).to_numpy(zero_copy_only=False)
+                                          for column in ("prompt_ids", "chosen_ids", "rejected_ids"))
+        if keep_end:
+            cut = np.nonzero(n_prompt + np.maximum(n_chosen, n_rejected) > args.max_length)[0]
+            require(not len(cut),
                     f"DPOConfig.truncation_mode='keep_end' with max_length={args.max_length} (TRL's default is "
-                    f"1024): pair {i} of the {name} dataset ({n_prompt} prompt, {len(chosen)} chosen, "
-                    f"{len(rejected)} rejected tokens) would be cut at different prompt tokens in its chosen and "
-                    f"rejected sequences, which a packed pair (one prompt) cannot hold; use "
-                    f"truncation_mode='keep_start' (TRL's default; keep_end is deprecated in TRL 1.16), a larger "
-                    f"max_length, or max_length=None")
-            if packer.max_tokens_per_row is None:
-                continue
-            n_chosen, n_rejected = (min(len(ids), cap - n_prompt) for ids in (chosen, rejected))
-            needed = pair_length(n_prompt, n_chosen, n_rejected, packer.shared_prompt)
-            require(needed <= packer.max_tokens_per_row,
-                    f"DPOConfig.max_tokens_per_row={packer.max_tokens_per_row} is smaller than pair {i} of the "
-                    f"{name} dataset, which needs {needed} tokens ({'shared' if packer.shared_prompt else 'separate'}"
-                    f"-prompt layout: prompt {n_prompt}, chosen {n_chosen}, rejected {n_rejected}); raise "
-                    f"max_tokens_per_row, set it to None (each batch's longest pair) or lower max_length")
+                    f"1024): pair {cut[0] if len(cut) else ''} of the {name} dataset would be cut at different "
+                    f"prompt tokens in its chosen and rejected sequences, which a packed pair (one prompt) cannot "
+                    f"hold; use truncation_mode='keep_start' (TRL's default; keep_end is deprecated in TRL 1.16), "
+                    f"a larger max_length, or max_length=None")
+        if packer.max_tokens_per_row is None:
+            return
+        if args.max_length is not None:  # keep_start truncation, as the collator applies it
+            n_chosen, n_rejected = (np.minimum(n, args.max_length - n_prompt) for n in (n_chosen, n_rejected))
+        needed = pair_length(n_prompt, n_chosen, n_rejected, packer.shared_prompt)  # elementwise on arrays
+        over = np.nonzero(needed > packer.max_tokens_per_row)[0]
+        if len(over):
+            i = int(over[0])
+            raise ValueError(
+                f"DPOConfig.max_tokens_per_row={packer.max_tokens_per_row} is smaller than pair {i} of the {name} "
+                f"dataset, which needs {needed[i]} tokens ({'shared' if packer.shared_prompt else 'separate'}-prompt "
+                f"layout: prompt {n_prompt[i]}, chosen {n_chosen[i]}, rejected {n_rejected[i]}); raise "
+                f"max_tokens_per_row, set it to None (each batch's longest pair) or lower max_length")
 
     # -- token accounting: TRL's padded batch, which Trainer would measure on input_ids ------------------------
 
