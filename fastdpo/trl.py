@@ -19,9 +19,8 @@ changes is how a batch is scored:
   (chosen log-prob, rejected log-prob, chosen reward, rejected reward) (:data:`PREDICTION_COLUMNS`),
   ``label_ids`` [N] = 0 (the chosen response, column 0 / 2, is the preferred one).
 
-Refused at construction, naming the option: ``truncation_mode="keep_end"`` where it would cut a pair, vision
-datasets, ``ld_alpha`` with ``loss_type`` ``sft``; see :data:`TRL_CONFIG_FIELDS` for every TRL 1.16
-DPOConfig field.
+Refused at construction, naming the option: vision datasets, ``ld_alpha`` with ``loss_type`` ``sft``; see
+:data:`TRL_CONFIG_FIELDS` for every TRL 1.16 DPOConfig field.
 """
 from __future__ import annotations
 
@@ -48,7 +47,7 @@ from trl.trainer.utils import use_adapter
 import fastdpo
 from .losses import check_loss_config
 from .model import HeadInputs, forward_hidden, model_sequence_logps, unwrap_causal_lm
-from .packing import BRANCH_CONTEXT, BRANCH_PAD, PackedBatch, pack_pairs, pair_length, pair_parts
+from .packing import BRANCH_CONTEXT, BRANCH_REJECTED, PackedBatch, pack_pairs, pair_length, pair_parts
 from .validate import check_bool, check_int, check_real, require
 
 __all__ = ["DPOConfig", "DPOTrainer", "DataCollatorForPackedPreference", "PackingCollator", "loss_groups",
@@ -120,8 +119,8 @@ TRL_CONFIG_FIELDS = {
     "precompute_ref_log_probs": "supported: TRL's precompute, scored by fastdpo (refused for a reference-free "
                                 "loss)",
     "max_length": "supported: keep_start truncation per sequence, as TRL's collator",
-    "truncation_mode": "supported: keep_start; keep_end where it cuts no pair (refused, naming the pair, where "
-                       "it would: one packed pair holds one prompt)",
+    "truncation_mode": "supported: keep_start and keep_end (a pair whose two sequences keep different prompt "
+                       "tokens is packed as two entries)",
     "padding_free": "supported: fastdpo always packs without padding (TRL's fallback warning does not apply)",
     "pad_to_multiple_of": "supported: packed rows padded to the multiple; token counts as TRL's",
     "router_aux_loss_coef": "supported: MoE load-balancing loss on the packed batch, as TRL (refused on a model "
@@ -173,13 +172,16 @@ def loss_groups(args: trl.DPOConfig) -> list[dict[str, Any]]:
 class DataCollatorForPackedPreference:
     """TRL 1.16 tokenized rows (``prompt_ids``, ``chosen_ids``, ``rejected_ids``, or TRL < 1.0's
     ``prompt_input_ids`` / ``chosen_input_ids`` / ``rejected_input_ids``; optional ``ref_chosen_logps`` /
-    ``ref_rejected_logps`` on every row) -> {"packed": PackedBatch, "num_tokens", "padded_tokens": int64
-    scalars, ["ref_chosen_logps", "ref_rejected_logps": [B] float64]}.
+    ``ref_rejected_logps`` on every row) -> {"packed": PackedBatch, "token_counts": [R, T] fp32,
+    "num_tokens", "padded_tokens": int64 scalars, ["ref_chosen_logps", "ref_rejected_logps": [B] float64]}.
 
-    Truncation is TRL's ``keep_start`` per sequence: prompt + completion cut to ``max_length`` tokens.
+    Truncation is TRL's, per sequence: prompt + completion cut to ``max_length`` tokens, keeping the start
+    (``truncation_mode="keep_start"``) or the end (``"keep_end"``; a pair whose chosen and rejected sequences
+    then keep different prompt tokens is packed as two entries, see :meth:`pack`).
     ``num_tokens`` counts the tokens TRL's padded batch attends to (2 x prompt + chosen + rejected per pair),
     ``padded_tokens`` the size of TRL's padded ``input_ids`` (2B x the longest sequence, rounded up to
     ``pad_to_multiple_of``): the trainer's ``num_input_tokens_seen`` and ``total_flos`` use them as TRL does.
+    ``token_counts`` says how many of TRL's sequences hold each packed token (the MoE router loss's weights).
     Reference log-probs are carried in float64 (exactly what the dataset holds); the trainer casts them to
     the loss's dtype.
     """
@@ -189,6 +191,7 @@ class DataCollatorForPackedPreference:
     max_tokens_per_row: int | None = None
     pad_to_multiple_of: int | None = None
     pad_token_id: int = 0
+    truncation_mode: str = "keep_start"
 
     def __post_init__(self):
         check_bool("shared_prompt", self.shared_prompt)
@@ -196,45 +199,126 @@ class DataCollatorForPackedPreference:
         check_int("max_tokens_per_row", self.max_tokens_per_row, minimum=4, optional=True)
         check_int("pad_to_multiple_of", self.pad_to_multiple_of, minimum=1, optional=True)
         check_int("pad_token_id", self.pad_token_id, minimum=0)
+        require(self.truncation_mode in ("keep_start", "keep_end"),
+                f"truncation_mode must be 'keep_start' or 'keep_end', got {self.truncation_mode!r}")
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         require(len(examples) > 0, "DataCollatorForPackedPreference: the batch is empty (no rows); a DataLoader "
                                    "batch needs at least one preference row")
-        prompts, chosen, rejected = [], [], []
+        sequences = []
         for i, example in enumerate(examples):
             try:
-                prompt, chosen_ids, rejected_ids = (list(part) for part in pair_parts(example))
+                prompt, chosen, rejected = (list(part) for part in pair_parts(example))
             except (TypeError, ValueError) as error:
                 raise type(error)(f"DataCollatorForPackedPreference: row {i}: {error}") from None
-            keep = None if self.max_length is None else self.max_length - len(prompt)
-            if keep is not None and keep < 1:
-                raise ValueError(f"row {i}: its prompt ({len(prompt)} tokens) fills max_length={self.max_length}")
-            prompts.append(prompt)
-            chosen.append(chosen_ids[:keep])
-            rejected.append(rejected_ids[:keep])
-        out = self.pack(prompts, chosen, rejected)
-        longest = max(len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected))
+            sequences.append(self._truncate(prompt, chosen, i) + self._truncate(prompt, rejected, i))
+        out = self.pack(sequences)
+        lengths = [len(prompt) + len(completion) for pair in sequences for prompt, completion in (pair[:2], pair[2:])]
+        longest = max(lengths)
         if self.pad_to_multiple_of:
             longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        out["num_tokens"] = torch.tensor(sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)))
-        out["padded_tokens"] = torch.tensor(2 * len(examples) * longest)
+        out["num_tokens"] = torch.tensor(sum(lengths))
+        out["padded_tokens"] = torch.tensor(len(lengths) * longest)
         out.update(reference_columns(examples))
         return out
 
-    def pack(self, prompts, chosen, rejected) -> dict[str, Any]:
-        """{"packed": PackedBatch} of token-id lists; a pair longer than max_tokens_per_row is an error."""
-        lengths = [pair_length(len(p), len(c), len(r), self.shared_prompt) for p, c, r in zip(prompts, chosen, rejected)]
+    def _truncate(self, prompt: list, completion: list, row: int) -> tuple[list, list]:
+        """(prompt, completion) of one sequence, cut to max_length as TRL's collator cuts prompt + completion."""
+        if self.max_length is None:
+            return prompt, completion
+        if self.truncation_mode == "keep_start":
+            keep = self.max_length - len(prompt)
+            require(keep >= 1, f"row {row}: its prompt ({len(prompt)} tokens) fills max_length={self.max_length}")
+            return prompt, completion[:keep]
+        cut = max(0, len(prompt) + len(completion) - self.max_length)
+        return prompt[cut:], completion[max(0, cut - len(prompt)):]
+
+    def pack(self, sequences: list[tuple[list, list, list, list]]) -> dict[str, Any]:
+        """(chosen prompt, chosen, rejected prompt, rejected) token-id lists per pair -> {"packed": PackedBatch,
+        "token_counts": [R, T] fp32}; a pair longer than max_tokens_per_row is an error.
+
+        A pair whose two prompts are equal is one packed pair. One whose prompts differ (keep_end cut them at
+        different tokens) becomes two entries, (chosen prompt, chosen, [pad]) and (rejected prompt, [pad],
+        rejected), whose stand-in responses are unscored; the batch is renumbered to TRL's sequences (chosen
+        of pair i -> i, rejected -> B + i). A sequence left with no prompt token (keep_end cut into its
+        completion) uses its first completion token as the prompt: that token has no predecessor and is
+        never scored, in TRL too.
+        """
+        entries, live, owners = [], [], []
+        for i, (chosen_prompt, chosen, rejected_prompt, rejected) in enumerate(sequences):
+            chosen_prompt, chosen = _with_prompt(chosen_prompt, chosen)
+            rejected_prompt, rejected = _with_prompt(rejected_prompt, rejected)
+            if chosen_prompt == rejected_prompt:
+                entries.append((chosen_prompt, chosen, rejected))
+                live.append((True, True))
+            else:
+                entries += [(chosen_prompt, chosen, [self.pad_token_id]), (rejected_prompt, [self.pad_token_id],
+                                                                           rejected)]
+                live += [(True, False), (False, True)]
+            owners += [i] * (len(entries) - len(owners))
+        lengths = [pair_length(len(p), len(c), len(r), self.shared_prompt) for p, c, r in entries]
         budget = max(lengths) if self.max_tokens_per_row is None else self.max_tokens_per_row
-        too_long = [i for i, n in enumerate(lengths) if n > budget]
+        too_long = [k for k, n in enumerate(lengths) if n > budget]
         if too_long:
-            i = too_long[0]
+            k = too_long[0]
             raise ValueError(
-                f"max_tokens_per_row={budget}: pair {i} of this batch needs {lengths[i]} tokens "
-                f"({'shared' if self.shared_prompt else 'separate'}-prompt layout: prompt {len(prompts[i])}, chosen "
-                f"{len(chosen[i])}, rejected {len(rejected[i])}); raise DPOConfig.max_tokens_per_row, set it to None "
-                f"(each batch's longest pair) or lower DPOConfig.max_length")
-        return {"packed": pack_pairs(prompts, chosen, rejected, max_tokens=budget, shared_prompt=self.shared_prompt,
-                                     pad_token_id=self.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of)}
+                f"max_tokens_per_row={budget}: pair {owners[k]} of this batch needs {lengths[k]} tokens "
+                f"({'shared' if self.shared_prompt else 'separate'}-prompt layout: prompt {len(entries[k][0])}, "
+                f"chosen {len(entries[k][1])}, rejected {len(entries[k][2])}); raise DPOConfig.max_tokens_per_row, "
+                f"set it to None (each batch's longest pair) or lower DPOConfig.max_length")
+        batch = pack_pairs(*zip(*entries), max_tokens=budget, shared_prompt=self.shared_prompt,
+                           pad_token_id=self.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of)
+        E, B = len(entries), len(sequences)
+        new_ids = torch.tensor([owners[k] if live[k][0] else -1 for k in range(E)]
+                               + [B + owners[k] if live[k][1] else -1 for k in range(E)])
+        counts = _sequence_counts(batch, (new_ids >= 0).float())
+        if E > B:
+            batch = _renumbered(batch, new_ids, B)
+        return {"packed": batch, "token_counts": counts}
+
+
+def _keep_end_lengths(n_prompt: np.ndarray, n_completion: np.ndarray, max_length: int):
+    """(tokens cut, prompt length, completion length) of sequences cut by keep_end, as `pack` lays them out
+    (an emptied prompt takes the completion's first token)."""
+    cut = np.maximum(0, n_prompt + n_completion - max_length)
+    prompt = n_prompt - np.minimum(cut, n_prompt)
+    completion = n_completion - np.maximum(0, cut - n_prompt)
+    return cut, np.maximum(prompt, 1), completion - (prompt == 0)
+
+
+def _with_prompt(prompt: list, completion: list) -> tuple[list, list]:
+    """A sequence cut into its completion lends its first (never scored) token to the empty prompt."""
+    return (prompt, completion) if prompt else (completion[:1], completion[1:])
+
+
+def _renumbered(batch: PackedBatch, new_ids: torch.Tensor, num_pairs: int) -> PackedBatch:
+    """`batch` with its entries' sequences renumbered by new_ids [2E] (-1: a stand-in, unscored)."""
+    scored = batch.seq_ids >= 0
+    seq_ids = torch.where(scored, new_ids[batch.seq_ids.clamp(min=0)], -1)
+    labels = torch.where(scored & (seq_ids < 0), batch.ignore_index, batch.labels)
+    # entries come in pair order and each pair has one entry holding its chosen sequence: the pair's row
+    pair_rows = [row for owner, row in zip(new_ids[:len(batch.pair_rows)].tolist(), batch.pair_rows) if owner >= 0]
+    return dataclasses.replace(batch, seq_ids=seq_ids, labels=labels, num_pairs=num_pairs, pair_rows=pair_rows)
+
+
+def _sequence_counts(batch: PackedBatch, live: torch.Tensor) -> torch.Tensor:
+    """[R, T] fp32: how many live sequences (live [2E], by the batch's own numbering) contain each token, i.e.
+    how often TRL's padded batch holds it: a shared-prompt context token belongs to both sequences of its
+    entry, a chosen-branch token to the chosen one, a rejected-branch token to the rejected one; padding 0."""
+    segments, seq = batch.segment_ids.reshape(-1), batch.seq_ids.reshape(-1)
+    labelled = seq >= 0
+    owner = torch.zeros(int(segments.max()) + 1, dtype=torch.long)
+    owner[segments[labelled]] = seq[labelled]  # the sequence (separate layout) or one of the entry's (shared)
+    seq_of_token = owner[segments.clamp(min=0)]
+    if batch.shared_prompt:
+        entries = batch.num_sequences // 2
+        chosen, rejected = live[seq_of_token % entries], live[entries + seq_of_token % entries]
+        branch = batch.branch_ids.reshape(-1)
+        counts = torch.where(branch == BRANCH_CONTEXT, chosen + rejected,
+                             torch.where(branch == BRANCH_REJECTED, rejected, chosen))
+    else:
+        counts = live[seq_of_token]
+    return torch.where(segments >= 0, counts, 0.0).reshape(batch.seq_ids.shape)
 
 
 def reference_columns(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -255,11 +339,11 @@ def reference_columns(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]
 class PackingCollator:
     """A custom ``data_collator`` yielding TRL's padded keys, packed: ``input_ids``, ``attention_mask`` and
     ``completion_mask`` [2B, L] (rows 0..B-1 prompt + chosen, rows B..2B-1 prompt + rejected, either padding
-    side; optional ``ref_chosen_logps`` / ``ref_rejected_logps`` [B]) -> the output of ``packer``.
+    side; optional ``ref_chosen_logps`` / ``ref_rejected_logps`` [B]) -> the output of ``packer.pack``.
 
-    The prompt of a row is its attended tokens with completion_mask 0, which must precede the completion
-    and be the same for the chosen and rejected row of a pair (packing keeps one prompt per pair).
-    ``num_tokens`` / ``padded_tokens`` are the custom batch's own (attention_mask sum, input_ids size).
+    A row's prompt is its attended tokens with completion_mask 0, which must precede the completion (it may
+    be empty, as after TRL's keep_end truncation). ``num_tokens`` / ``padded_tokens`` are the custom batch's
+    own (attention_mask sum, input_ids size).
     """
 
     collator: Callable[[list], dict]
@@ -278,13 +362,7 @@ class PackingCollator:
                 f"{tuple(ids.shape)}, {tuple(attention.shape)}, {tuple(completion.shape)}")
         half = ids.shape[0] // 2
         parts = [self._split(ids[k], attention[k], completion[k], k) for k in range(ids.shape[0])]
-        prompts = []
-        for i in range(half):
-            require(parts[i][0] == parts[half + i][0],
-                    f"data_collator: pair {i} has different prompts in its chosen row ({len(parts[i][0])} tokens) "
-                    f"and rejected row ({len(parts[half + i][0])} tokens); packing keeps one prompt per pair")
-            prompts.append(parts[i][0])
-        out = self.packer.pack(prompts, [p[1] for p in parts[:half]], [p[1] for p in parts[half:]])
+        out = self.packer.pack([parts[i] + parts[half + i] for i in range(half)])
         out["num_tokens"] = attention.sum().long()
         out["padded_tokens"] = torch.tensor(ids.numel())
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
@@ -293,14 +371,14 @@ class PackingCollator:
         return out
 
     @staticmethod
-    def _split(ids, attention, completion, row):
+    def _split(ids, attention, completion, row) -> tuple[list, list]:
         """(prompt, completion) token-id lists of one padded row."""
         kept = attention.bool()
         tokens, is_completion = ids[kept].tolist(), completion[kept].bool()
         n_prompt = int((~is_completion).sum())
-        require(bool(is_completion[n_prompt:].all()) and n_prompt > 0 and n_prompt < len(tokens),
-                f"data_collator: row {row}: completion_mask must mark a non-empty completion after a non-empty "
-                f"prompt among the attended tokens")
+        require(bool(is_completion[n_prompt:].all()) and n_prompt < len(tokens),
+                f"data_collator: row {row}: completion_mask must mark a non-empty completion after the prompt "
+                f"among the attended tokens")
         return tokens[:n_prompt], tokens[n_prompt:]
 
 
@@ -373,9 +451,8 @@ class RouterAuxLoss:
 
     Forward hooks on the model's routers (the module class of Transformers' own ``router_logits`` output
     recorder) collect each layer's router logits [R * T, E]; the model's own ``load_balancing_loss_func``
-    averages them over the tokens of TRL's padded batch, which holds every token of a pair once except the
-    prompt, which it holds twice: each token is weighted by its count there (shared-prompt layout: 2 for
-    prompt[:-1], whose hidden states serve both responses; 0 for padding; 1 elsewhere).
+    averages them over the tokens of TRL's padded batch, each packed token weighted by how many of TRL's
+    sequences hold it (the collator's ``token_counts``: 2 for a shared prompt's tokens, 0 for padding).
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -407,12 +484,10 @@ class RouterAuxLoss:
             for hook in hooks:
                 hook.remove()
 
-    def __call__(self, router_logits: list[torch.Tensor], batch: PackedBatch) -> torch.Tensor:
-        counts = torch.ones(batch.branch_ids.shape, dtype=torch.float32, device=batch.branch_ids.device)
-        if batch.shared_prompt:
-            counts[batch.branch_ids == BRANCH_CONTEXT] = 2.0
-        counts[batch.branch_ids == BRANCH_PAD] = 0.0
-        return self.loss_fn(tuple(router_logits), self.num_experts, self.top_k, counts.reshape(-1))
+    def __call__(self, router_logits: list[torch.Tensor], token_counts: torch.Tensor) -> torch.Tensor:
+        """router_logits: one [R * T, E] per layer; token_counts [R, T] (the collator's)."""
+        counts = token_counts.to(router_logits[0].device, torch.float32).reshape(-1)
+        return self.loss_fn(tuple(router_logits), self.num_experts, self.top_k, counts)
 
 
 @contextlib.contextmanager
@@ -441,8 +516,7 @@ class DPOTrainer(trl.DPOTrainer):
     vision datasets, ``router_aux_loss_coef`` on a model without routers, invalid loss options (e.g. ``label_smoothing`` outside [0, 0.5) for ``robust``, an unknown
     ``loss_type``), and, for a reference-free loss (``simpo``, ``sft``), a ``ref_model``,
     ``precompute_ref_log_probs`` or ``sync_ref_model`` (there is no reference to use). Refused as TRL
-    tokenizes, before any reference precompute: ``truncation_mode="keep_end"`` where ``max_length`` would cut
-    a pair, and a pair longer than ``max_tokens_per_row``.
+    tokenizes, before any reference precompute: a pair longer than ``max_tokens_per_row``.
     """
 
     def __init__(self, model, ref_model=None, args: trl.DPOConfig | None = None, data_collator=None,
@@ -467,7 +541,8 @@ class DPOTrainer(trl.DPOTrainer):
         self._token_metrics = fastdpo_args["token_metrics"]
         packer = DataCollatorForPackedPreference(
             shared_prompt=fastdpo_args["shared_prompt"], max_length=args.max_length,
-            max_tokens_per_row=fastdpo_args["max_tokens_per_row"], pad_to_multiple_of=args.pad_to_multiple_of)
+            max_tokens_per_row=fastdpo_args["max_tokens_per_row"], pad_to_multiple_of=args.pad_to_multiple_of,
+            truncation_mode=args.truncation_mode)
         if data_collator is None:
             data_collator = packer
         elif not isinstance(data_collator, (DataCollatorForPackedPreference, PackingCollator)):
@@ -517,41 +592,33 @@ class DPOTrainer(trl.DPOTrainer):
         return dataset
 
     def _check_pairs(self, dataset, name: str, args) -> None:
-        """truncation_mode='keep_end' only where it cuts nothing (then it equals keep_start: a pair cut by
-        keep_end has different prompts in its chosen and rejected sequences, which one packed pair cannot hold),
-        and every pair within max_tokens_per_row after max_length truncation."""
-        packer, keep_end = self._packer, args.max_length is not None and args.truncation_mode == "keep_end"
-        if not hasattr(dataset, "column_names"):  # an IterableDataset: no lengths before training
-            require(not keep_end, f"DPOConfig.truncation_mode='keep_end' with max_length={args.max_length}: fastdpo "
-                                  f"accepts it only for data it does not truncate, which an IterableDataset does "
-                                  f"not let it check; use truncation_mode='keep_start' (TRL's default) or "
-                                  f"max_length=None")
-            return
-        if packer.max_tokens_per_row is None and not keep_end:
+        """Every pair of a map-style dataset fits max_tokens_per_row once truncated as the collator truncates it
+        (keep_end: a pair whose two sequences both lose their whole prompt is left to the per-batch check, its
+        packing depends on its first completion tokens)."""
+        budget = self._packer.max_tokens_per_row
+        if budget is None or not hasattr(dataset, "column_names"):  # IterableDataset: checked per batch
             return
         columns = dataset.with_format("arrow")  # lengths straight from the Arrow columns: no Python lists
         n_prompt, n_chosen, n_rejected = (pc.list_value_length(columns[column]).to_numpy(zero_copy_only=False)
                                           for column in ("prompt_ids", "chosen_ids", "rejected_ids"))
-        if keep_end:
-            cut = np.nonzero(n_prompt + np.maximum(n_chosen, n_rejected) > args.max_length)[0]
-            require(not len(cut),
-                    f"DPOConfig.truncation_mode='keep_end' with max_length={args.max_length} (TRL's default is "
-                    f"1024): pair {cut[0] if len(cut) else ''} of the {name} dataset would be cut at different "
-                    f"prompt tokens in its chosen and rejected sequences, which a packed pair (one prompt) cannot "
-                    f"hold; use truncation_mode='keep_start' (TRL's default; keep_end is deprecated in TRL 1.16), "
-                    f"a larger max_length, or max_length=None")
-        if packer.max_tokens_per_row is None:
-            return
-        if args.max_length is not None:  # keep_start truncation, as the collator applies it
+        shared = self._packer.shared_prompt
+        if args.max_length is None:
+            needed = pair_length(n_prompt, n_chosen, n_rejected, shared)  # elementwise on arrays
+        elif args.truncation_mode == "keep_start":
             n_chosen, n_rejected = (np.minimum(n, args.max_length - n_prompt) for n in (n_chosen, n_rejected))
-        needed = pair_length(n_prompt, n_chosen, n_rejected, packer.shared_prompt)  # elementwise on arrays
-        over = np.nonzero(needed > packer.max_tokens_per_row)[0]
-        if len(over):
-            i = int(over[0])
-            raise ValueError(
-                f"DPOConfig.max_tokens_per_row={packer.max_tokens_per_row} is smaller than pair {i} of the {name} "
-                f"dataset, which needs {needed[i]} tokens ({'shared' if packer.shared_prompt else 'separate'}-prompt "
-                f"layout: prompt {n_prompt[i]}, chosen {n_chosen[i]}, rejected {n_rejected[i]}); raise "
+            needed = pair_length(n_prompt, n_chosen, n_rejected, shared)
+        else:  # keep_end, as DataCollatorForPackedPreference.pack lays the kept sequences out
+            kept = [_keep_end_lengths(n_prompt, n, args.max_length) for n in (n_chosen, n_rejected)]
+            (cut_c, prompt_c, chosen), (cut_r, prompt_r, rejected) = kept
+            one_entry = pair_length(prompt_c, chosen, rejected, shared)
+            two_entries = np.maximum(pair_length(prompt_c, chosen, 1, shared), pair_length(prompt_r, 1, rejected, shared))
+            needed = np.where((cut_c == cut_r) & (n_prompt > cut_c), one_entry, two_entries)
+            needed = np.where((n_prompt <= cut_c) & (n_prompt <= cut_r), 0, needed)
+        over = np.nonzero(needed > budget)[0]
+        require(not len(over),
+                f"DPOConfig.max_tokens_per_row={budget} is smaller than pair {over[0] if len(over) else ''} of "
+                f"the {name} dataset, which needs {needed[over[0]] if len(over) else ''} tokens "
+                f"({'shared' if shared else 'separate'}-prompt layout, after max_length truncation); raise "
                 f"max_tokens_per_row, set it to None (each batch's longest pair) or lower max_length")
 
     # -- token accounting: TRL's padded batch, which Trainer would measure on input_ids ------------------------
@@ -626,7 +693,7 @@ class DPOTrainer(trl.DPOTrainer):
             losses = losses * _wpo_weights(stats, batch.num_sequences)
         loss = losses.mean()
         if self._router_aux_loss is not None:  # TRL: loss + router_aux_loss_coef * aux_loss, aux_loss logged
-            aux_loss = self._router_aux_loss(routed, batch.to(routed[0].device))
+            aux_loss = self._router_aux_loss(routed, inputs["token_counts"])
             loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
         self._log_metrics(mode, out, stats, inputs["num_tokens"], batch.num_pairs)

@@ -147,11 +147,16 @@ def test_same_as_trl_ld_dpo_masked_tail_with_precomputed_reference(tmp_path):
 
 
 def test_same_as_trl_custom_collator_is_packed(tmp_path):
-    """A custom data_collator yielding TRL's padded keys (here TRL's own, padding to a multiple of 4) is
-    unpadded and packed; token counts are that collator's."""
-    collator = trl.trainer.dpo_trainer.DataCollatorForPreference(pad_token_id=0, max_length=10, pad_to_multiple_of=4)
-    want_logs, want_weights = train(trl.DPOTrainer, trl.DPOConfig, tmp_path, loss_type=["sigmoid"], max_length=10,
-                                    pad_to_multiple_of=4, include_num_input_tokens_seen="all")
+    """A custom data_collator yielding TRL's padded keys (here TRL's own, keep_end truncation, padding to a
+    multiple of 4) is unpadded and packed; token counts are that collator's."""
+    collator = trl.trainer.dpo_trainer.DataCollatorForPreference(pad_token_id=0, max_length=5, pad_to_multiple_of=4,
+                                                                 truncation_mode="keep_end")
+    options = dict(loss_type=["sigmoid"], max_length=5, truncation_mode="keep_end", pad_to_multiple_of=4,
+                   include_num_input_tokens_seen="all", shared_prompt=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TRL deprecates keep_end
+        want_logs, want_weights = train(trl.DPOTrainer, trl.DPOConfig, tmp_path,
+                                        **{k: v for k, v in options.items() if k != "shared_prompt"})
     original = fastdpo.trl.DPOTrainer.__init__
 
     def with_collator(self, *args, **kwargs):
@@ -159,8 +164,9 @@ def test_same_as_trl_custom_collator_is_packed(tmp_path):
 
     fastdpo.trl.DPOTrainer.__init__ = with_collator
     try:
-        got_logs, got_weights = train(fastdpo.trl.DPOTrainer, fastdpo.trl.DPOConfig, tmp_path, loss_type=["sigmoid"],
-                                      max_length=10, pad_to_multiple_of=4, include_num_input_tokens_seen="all")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            got_logs, got_weights = train(fastdpo.trl.DPOTrainer, fastdpo.trl.DPOConfig, tmp_path, **options)
     finally:
         fastdpo.trl.DPOTrainer.__init__ = original
     for got, want in zip(got_logs, want_logs):
@@ -259,6 +265,26 @@ def test_collator_packs_trl_rows():
     assert torch.equal(DataCollatorForPackedPreference(max_length=4)(old_names)["packed"].labels, batch.labels)
 
 
+@pytest.mark.parametrize("shared_prompt", [True, False])
+def test_collator_keep_end_scores_what_trl_scores(shared_prompt):
+    """keep_end: per sequence, the scored tokens are those TRL's padded batch scores (completion tokens in the
+    kept window, past its first position); token_counts add up to TRL's attended tokens."""
+    g = torch.Generator().manual_seed(0)
+    rows = [{name: torch.randint(3, 60, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
+             for name in ("prompt_ids", "chosen_ids", "rejected_ids")} for _ in range(12)]
+    want = trl.trainer.dpo_trainer.DataCollatorForPreference(pad_token_id=0, max_length=6,
+                                                             truncation_mode="keep_end")(rows)
+    out = DataCollatorForPackedPreference(max_length=6, truncation_mode="keep_end", shared_prompt=shared_prompt)(rows)
+    batch = out["packed"]
+    assert batch.num_pairs == 12 and batch.report.num_pairs > 12  # some pairs became two entries
+    scored = want["input_ids"][:, 1:].masked_fill(want["completion_mask"][:, 1:] == 0, -1)
+    for sequence in range(24):
+        trl_tokens = scored[sequence][scored[sequence] >= 0].tolist()
+        assert batch.labels[batch.seq_ids == sequence].tolist() == trl_tokens, sequence
+    assert int(out["num_tokens"]) == int(want["attention_mask"].sum()) == int(out["token_counts"].sum())
+    assert int(out["padded_tokens"]) == want["input_ids"].numel()
+
+
 @pytest.mark.parametrize("rows,error,match", [
     ([], ValueError, "the batch is empty"),
     ([{"prompt": [1], "chosen": [2], "rejected": [3]}], ValueError, r"row 0: a preference row mapping needs the keys"),
@@ -293,11 +319,10 @@ def construct(tmp_path, ref=True, **options):
     (dict(loss_type=["sft"], sync_ref_model=True, ref=False), "sync_ref_model: loss_type", False),
     (dict(loss_type=["simpo"], precompute_ref_log_probs=True, ref=False), "precompute_ref_log_probs: loss_type",
      False),
-    (dict(truncation_mode="keep_end", max_length=6), "truncation_mode='keep_end' with max_length=6", True),
     (dict(max_tokens_per_row=6, precompute_ref_log_probs=True), "DPOConfig.max_tokens_per_row=6 is smaller than pair",
      True),
 ], ids=["ld_alpha-range", "ld_alpha-sft", "label_smoothing", "loss_type", "f_alpha", "router_aux_loss_coef",
-        "simpo-ref_model", "sft-sync_ref_model", "simpo-precompute", "keep_end-cuts", "max_tokens_per_row"])
+        "simpo-ref_model", "sft-sync_ref_model", "simpo-precompute", "max_tokens_per_row"])
 def test_unsupported_options_are_refused_at_construction(tmp_path, monkeypatch, options, match, tokenized):
     """Refused with the option's name, before tokenization (or, for what depends on token counts, as TRL
     tokenizes: before any reference precompute)."""
@@ -425,10 +450,13 @@ def test_padding_free_is_accepted_without_trl_fallback_warning(tmp_path, caplog)
     assert "padding_free" not in caplog.text and trainer.args.padding_free
 
 
-def test_keep_end_that_cuts_nothing_trains_as_trl(tmp_path):
+def test_same_as_trl_keep_end_mixture_of_experts_ld_dpo(tmp_path):
+    """keep_end cuts the chosen and rejected sequences of a pair at different prompt tokens (or into the
+    completion): such pairs are packed as two entries; the router loss counts their tokens as TRL's batch."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        assert_same_training(tmp_path, steps=2, loss_type=["sigmoid"], truncation_mode="keep_end", max_length=40)
+        warnings.simplefilter("ignore", FutureWarning)  # TRL deprecates keep_end
+        assert_same_training(tmp_path, models=tiny_mixtral, loss_type=["sigmoid"], truncation_mode="keep_end",
+                             max_length=6, ld_alpha=0.5, router_aux_loss_coef=0.5)
 
 
 def test_example_runs(tmp_path):
