@@ -118,7 +118,7 @@ TRL_CONFIG_FIELDS = {
     "ref_model_sync_steps": _TRL_OWN, "bf16": _TRL_OWN + " (accelerate's autocast around the model call)",
     "precompute_ref_log_probs": "supported: TRL's precompute, scored by fastdpo (refused for a reference-free "
                                 "loss)",
-    "max_length": "supported: keep_start truncation per sequence, as TRL's collator",
+    "max_length": "supported: truncation per sequence (truncation_mode), as TRL's collator",
     "truncation_mode": "supported: keep_start and keep_end (a pair whose two sequences keep different prompt "
                        "tokens is packed as two entries)",
     "padding_free": "supported: fastdpo always packs without padding (TRL's fallback warning does not apply)",
@@ -513,10 +513,11 @@ class DPOTrainer(trl.DPOTrainer):
     """TRL 1.16's DPOTrainer with fastdpo's packed, logits-free loss. Same constructor and behaviour.
 
     Refused at construction, before tokenization (ValueError / NotImplementedError naming the option):
-    vision datasets, ``router_aux_loss_coef`` on a model without routers, invalid loss options (e.g. ``label_smoothing`` outside [0, 0.5) for ``robust``, an unknown
-    ``loss_type``), and, for a reference-free loss (``simpo``, ``sft``), a ``ref_model``,
-    ``precompute_ref_log_probs`` or ``sync_ref_model`` (there is no reference to use). Refused as TRL
-    tokenizes, before any reference precompute: a pair longer than ``max_tokens_per_row``.
+    vision datasets, ``router_aux_loss_coef`` on a model without routers, invalid loss options (e.g.
+    ``label_smoothing`` outside [0, 0.5) for ``robust``, an unknown ``loss_type``), and, for a reference-free
+    loss (``simpo``, ``sft``), a ``ref_model``, ``precompute_ref_log_probs`` or ``sync_ref_model`` (there is
+    no reference to use). Refused as TRL tokenizes, before any reference precompute: a pair longer than
+    ``max_tokens_per_row``.
     """
 
     def __init__(self, model, ref_model=None, args: trl.DPOConfig | None = None, data_collator=None,
@@ -581,7 +582,8 @@ class DPOTrainer(trl.DPOTrainer):
             require(not coef or hasattr(config, "output_router_logits"),
                     f"router_aux_loss_coef={coef}: {type(model).__name__} is not a Mixture-of-Experts model that "
                     f"returns router logits, so there is no auxiliary loss to weight; leave it None or 0.0")
-            if hasattr(config, "output_router_logits") and (coef is None or coef != 0.0):
+            coef = getattr(config, "router_aux_loss_coef", 0.0) if coef is None else coef  # TRL's resolution
+            if hasattr(config, "output_router_logits") and coef != 0.0:
                 RouterAuxLoss(model)  # refuses an MoE model whose router logits fastdpo cannot read
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -611,7 +613,8 @@ class DPOTrainer(trl.DPOTrainer):
             kept = [_keep_end_lengths(n_prompt, n, args.max_length) for n in (n_chosen, n_rejected)]
             (cut_c, prompt_c, chosen), (cut_r, prompt_r, rejected) = kept
             one_entry = pair_length(prompt_c, chosen, rejected, shared)
-            two_entries = np.maximum(pair_length(prompt_c, chosen, 1, shared), pair_length(prompt_r, 1, rejected, shared))
+            two_entries = np.maximum(pair_length(prompt_c, chosen, 1, shared),
+                                     pair_length(prompt_r, 1, rejected, shared))
             needed = np.where((cut_c == cut_r) & (n_prompt > cut_c), one_entry, two_entries)
             needed = np.where((n_prompt <= cut_c) & (n_prompt <= cut_r), 0, needed)
         over = np.nonzero(needed > budget)[0]
