@@ -19,8 +19,8 @@ changes is how a batch is scored:
   (chosen log-prob, rejected log-prob, chosen reward, rejected reward) (:data:`PREDICTION_COLUMNS`),
   ``label_ids`` [N] = 0 (the chosen response, column 0 / 2, is the preferred one).
 
-Refused at construction, naming the option: vision datasets, ``ld_alpha`` with ``loss_type`` ``sft``; see
-:data:`TRL_CONFIG_FIELDS` for every TRL 1.16 DPOConfig field.
+Refused at construction, naming the option: vision datasets, ``include_for_metrics=["inputs"]``, ``ld_alpha``
+with ``loss_type`` ``sft``; see :data:`TRL_CONFIG_FIELDS` for every TRL 1.16 DPOConfig field.
 """
 from __future__ import annotations
 
@@ -537,6 +537,9 @@ class DPOTrainer(trl.DPOTrainer):
                                    f"no reference to {'compute' if name != 'ref_model' else 'use'}; pass "
                                    f"{name}={None if name == 'ref_model' else False}")
         self._refuse_unsupported_data_and_models(model, args, train_dataset)
+        require("inputs" not in (args.include_for_metrics or []),
+                "include_for_metrics=['inputs']: fastdpo's batches are packed, there is no padded input_ids to hand "
+                "compute_metrics; drop 'inputs' (predictions are per pair, see fastdpo.trl.PREDICTION_COLUMNS)")
         fastdpo_args = {f: getattr(args, f, default) for f, default in
                         (("shared_prompt", True), ("max_tokens_per_row", None), ("token_metrics", True))}
         self._token_metrics = fastdpo_args["token_metrics"]

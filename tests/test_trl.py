@@ -319,10 +319,12 @@ def construct(tmp_path, ref=True, **options):
     (dict(loss_type=["sft"], sync_ref_model=True, ref=False), "sync_ref_model: loss_type", False),
     (dict(loss_type=["simpo"], precompute_ref_log_probs=True, ref=False), "precompute_ref_log_probs: loss_type",
      False),
+    (dict(include_for_metrics=["inputs"]), r"include_for_metrics=\['inputs'\]", False),
     (dict(max_tokens_per_row=6, precompute_ref_log_probs=True), "DPOConfig.max_tokens_per_row=6 is smaller than pair",
      True),
 ], ids=["ld_alpha-range", "ld_alpha-sft", "label_smoothing", "loss_type", "f_alpha", "router_aux_loss_coef",
-        "simpo-ref_model", "sft-sync_ref_model", "simpo-precompute", "max_tokens_per_row"])
+        "simpo-ref_model", "sft-sync_ref_model", "simpo-precompute", "include_for_metrics-inputs",
+        "max_tokens_per_row"])
 def test_unsupported_options_are_refused_at_construction(tmp_path, monkeypatch, options, match, tokenized):
     """Refused with the option's name, before tokenization (or, for what depends on token counts, as TRL
     tokenizes: before any reference precompute)."""
