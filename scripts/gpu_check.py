@@ -9,7 +9,8 @@ timeout_s=480:
     python scripts/gpu_check.py OUT_DIR --smoke    # CPU, Triton interpreter, tiny shapes (what the tests run)
 
 A supervisor process runs the sections in a child process and restarts it after a crash or a hung row
-(--row-timeout-s), skipping what is already recorded; the crashed row is recorded as such. Every row is
+(--row-timeout-s), skipping what is already recorded; the crashed row is recorded as such (--resume continues
+an earlier run's OUT_DIR the same way). Every row is
 appended to OUT_DIR/rows.jsonl the moment it finishes ("start" lines mark the row in flight), and
 OUT_DIR/gpu_check.json / gpu_check.md are rewritten after each row. Past the global deadline (--budget-s
 from the start) the remaining rows are recorded as skipped. Sections, in order (SECTIONS):
@@ -24,13 +25,13 @@ from the start) the remaining rows are recorded as skipped. Sections, in order (
                   peers (Liger-Kernel, TRL, torch's chunked cross-entropy, Cut Cross-Entropy) when installed
   kernels         each row kernel and fused kernel alone (GB/s, TFLOP/s)
   host_syncs      synchronising CUDA calls per step (torch.cuda.set_sync_debug_mode)
-  cuda_graph      capture of one head step in a CUDA graph, replayed against eager (failure recorded)
   correctness     every head mode and the logits form against float64 (fp32 / bf16, V = 32000, 50257,
                   128256, D = 4096, transforms); bf16 log-probs to BF16_LOGPS_TOL, gradients (L2) to
                   GRAD_ROUNDING times the error of rounding the float64 gradient to bf16
   large_index     logits and a stored head with more than 2^31 elements, against float64
   nan_logits      a NaN hidden row: only its sequence turns NaN; fastdpo.loss refuses it
   determinism     two identical runs per mode, bitwise
+  cuda_graph      capture of one head step in a CUDA graph, replayed against eager (a failure is recorded)
 A section is a function (cfg) -> [(row name, row function)]; a row function returns a dict (`ok`: False
 marks a failed check). Adding a section is one line in SECTIONS. --smoke numbers are CPU/interpreter
 numbers, labelled so, never GPU figures; --smoke also sets torch's default device to "meta", so any tensor
@@ -90,6 +91,8 @@ def parse_args(argv=None):
     parser.add_argument("--row-timeout-s", type=float, default=150.0,
                         help="a row running longer is killed with its process and recorded as hung")
     parser.add_argument("--only", default=None, help="comma-separated section names to run (default: all)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep OUT_DIR/rows.jsonl and run only the rows it does not hold (default: start afresh)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the supervisor's worker
     parser.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)  # absolute time.time()
     return parser.parse_args(argv)
@@ -346,7 +349,9 @@ def environment(cfg):
         import torch
         import triton
         on_gpu = cfg["device"] == "cuda"
+        import fastdpo.kernels
         info = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+                "fastdpo": os.path.dirname(fastdpo.__file__), "fastdpo.kernels": os.path.dirname(fastdpo.kernels.__file__),
                 "device": torch.cuda.get_device_name() if on_gpu else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
                 "mode": "smoke (CPU, Triton interpreter)" if cfg["smoke"] else "compiled GPU",
                 "default_device": str(torch.get_default_device()),
@@ -363,10 +368,10 @@ def compile_warmup(cfg):
     def row():
         import concurrent.futures
         import multiprocessing
-        keys = [(name, row_name) for name, fn in SECTIONS if name not in ("environment", "compile_warmup")
+        keys = [(name, row_name) for name, fn in SECTIONS if name not in NOT_WARMED
                 and (cfg["only"] is None or name in cfg["only"])
                 and (cfg["warm_sections"] is None or name in cfg["warm_sections"]) for row_name, _ in fn(cfg)]
-        limit = max(10.0, cfg["warm_share"] * (cfg["deadline"] - time.time()))
+        limit = max(10.0, min(cfg["warm_share"] * (cfg["deadline"] - time.time()), cfg["row_timeout_s"] - 30))
         start, outcomes = time.time(), {}
         pool = concurrent.futures.ProcessPoolExecutor(cfg["warm_workers"], mp_context=multiprocessing.get_context("spawn"),
                                                       initializer=warm_worker_setup, initargs=(cfg,))
@@ -679,7 +684,9 @@ def correctness(cfg):
 
 
 def large_index(cfg):
-    """Logits and a stored head's U with more than 2^31 elements (int32 offsets would wrap), against float64."""
+    """Logits and a stored head's U with more than 2^31 elements (int32 offsets would wrap), against float64, per
+    row: a wrapped offset gives errors of order 1; precision is the correctness section's (bf16 logits rounded
+    before the row math, as the stored mode did at issue 17's start, are ~1e-3 per row)."""
     import torch
 
     from fastdpo.ops import linear_sequence_logps, resolve_backend
@@ -725,7 +732,7 @@ def large_index(cfg):
         z = hidden[last].double() @ weight.double().t()
         want_grad = (torch.nn.functional.one_hot(targets[last], V).double() - torch.softmax(z, -1)) @ weight.double()
         errs = {"row_logps": rel_err(logps, want), "grad_hidden_last_rows": rel_err(grad[last], want_grad)}
-        return verdict(errs, {"row_logps": BF16_LOGPS_TOL, "grad_hidden_last_rows": 1e-2})
+        return verdict(errs, {"row_logps": 1e-2, "grad_hidden_last_rows": 1e-2})
 
     def verdict(errs, tols):
         ok = all(errs[k] <= tols[k] for k in errs)
@@ -803,12 +810,13 @@ SECTIONS = [
     ("head_step", head_step),
     ("kernels", kernels),
     ("host_syncs", host_syncs),
-    ("cuda_graph", cuda_graph),
     ("correctness", correctness),
     ("large_index", large_index),
     ("nan_logits", nan_logits),
     ("determinism", determinism),
+    ("cuda_graph", cuda_graph),  # last: a failed capture may leave the process's CUDA state unusable
 ]
+NOT_WARMED = ("environment", "compile_warmup", "cuda_graph")
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -861,8 +869,11 @@ def supervise(args):
     or the deadline passes; then print the summary. Returns the exit status."""
     deadline = time.time() + args.budget_s
     os.makedirs(args.out_dir, exist_ok=True)
+    if not args.resume and os.path.exists(os.path.join(args.out_dir, ROWS_FILE)):
+        os.remove(os.path.join(args.out_dir, ROWS_FILE))
     command = [sys.executable, os.path.abspath(sys.argv[0]), args.out_dir, "--child", "--deadline", str(deadline),
-               "--backend", args.backend] + (["--smoke"] if args.smoke else []) + (
+               "--backend", args.backend, "--row-timeout-s", str(args.row_timeout_s)] + (
+                   ["--smoke"] if args.smoke else []) + (
                    ["--only", args.only] if args.only else [])
     append_line(args.out_dir, {"event": "run", "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                                "budget_s": args.budget_s, "argv": sys.argv[1:]})
@@ -913,7 +924,7 @@ def main(argv=None):
         return supervise(args)
     setup(args.smoke)
     import torch
-    cfg = {**config(args.smoke, args.backend), "deadline": args.deadline,
+    cfg = {**config(args.smoke, args.backend), "deadline": args.deadline, "row_timeout_s": args.row_timeout_s,
            "only": None if args.only is None else args.only.split(",")}
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device (use --smoke for the CPU end-to-end run)")

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import gpu_check  # noqa: E402
 
 SECTIONS = ["environment", "compile_warmup", "ceilings", "anchor", "head_modes", "head_step", "kernels", "host_syncs",
-            "cuda_graph", "correctness", "large_index", "nan_logits", "determinism"]
+            "correctness", "large_index", "nan_logits", "determinism", "cuda_graph"]
 
 
 def test_gpu_check_smoke_writes_every_section_and_passes(tmp_path):
@@ -28,6 +28,9 @@ def test_gpu_check_smoke_writes_every_section_and_passes(tmp_path):
     assert list(sections) == SECTIONS == [name for name, _ in gpu_check.SECTIONS]
     environment = sections["environment"][0]
     assert environment["default_device"] == "meta" and environment["mode"].startswith("smoke")
+    # imported from this checkout through setup.py's package_dir mapping, whether installed or not
+    assert environment["fastdpo"] == os.path.join(ROOT, "fastdpo")
+    assert environment["fastdpo.kernels"] == os.path.join(ROOT, "kernels")
     warmup = sections["compile_warmup"][0]
     assert warmup["warmed"] == warmup["rows"] > 0 and warmup["errors"] == "-"
     checks = [row for row in sections["correctness"] if row["ok"] is not None]
