@@ -4,7 +4,7 @@ On a bare CUDA machine, from the repository root (no install needed: this script
 fastdpo.kernels from this checkout; torch and triton must be there), e.g. the device tool's H200 with
 timeout_s=480:
 
-    set -o pipefail; PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py $OUT --budget-s 400 2>&1 | tee $OUT/log.txt
+    set -o pipefail; PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py $OUT --budget-s 390 2>&1 | tee $OUT/log.txt
 
     python scripts/gpu_check.py OUT_DIR --smoke    # CPU, Triton interpreter, tiny shapes (what the tests run)
 
@@ -43,6 +43,7 @@ import importlib.util
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -55,6 +56,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE_DIRS = {"fastdpo": os.path.join(ROOT, "fastdpo"), "fastdpo.kernels": os.path.join(ROOT, "kernels")}
 ROWS_FILE, JSON_FILE, MD_FILE = "rows.jsonl", "gpu_check.json", "gpu_check.md"
 CONTEXT_LOST = 3  # child exit status: CUDA context unusable after a row; the supervisor starts a fresh child
+DEADLINE_GRACE_S = 30  # a row still running this long after the deadline is killed
 
 TOL = {"fp32": 1e-5, "bf16": 1e-2}  # log-probs and gradients of fp32 inputs; bf16: see the next two
 BF16_LOGPS_TOL = 2e-3  # per-sequence log-probs of bf16 inputs vs float64 of the same bf16 values (was 1e-2)
@@ -86,7 +88,7 @@ def parse_args(argv=None):
     parser.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny shapes")
     parser.add_argument("--backend", choices=("triton", "torch"), default="triton",
                         help="fastdpo backend of the checks (default triton: compiled on GPU, interpreted with --smoke)")
-    parser.add_argument("--budget-s", type=float, default=400.0,
+    parser.add_argument("--budget-s", type=float, default=390.0,
                         help="global deadline in seconds from the start; later rows are recorded as skipped")
     parser.add_argument("--row-timeout-s", type=float, default=150.0,
                         help="a row running longer is killed with its process and recorded as hung")
@@ -123,12 +125,18 @@ def config(smoke, backend):
 # ------------------------------------------------------------------------------------------------ results
 
 def read_lines(out_dir):
-    """The events of rows.jsonl: {"event": "start"|"row"|"run", ...}, in order."""
+    """The events of rows.jsonl: {"event": "start"|"row"|"run", ...}, in order (a line torn by a kill is left out)."""
     path = os.path.join(out_dir, ROWS_FILE)
     if not os.path.exists(path):
         return []
+    events = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return events
 
 
 def append_line(out_dir, event):
@@ -842,8 +850,9 @@ def run_child(args, cfg):
             continue
         try:
             rows = section(cfg)
-        except Exception:
-            rows = [("(section setup)", lambda tb=traceback.format_exc(limit=6): {"status": f"error: {tb}"})]
+        except Exception as e:
+            rows = [("(section setup)", lambda e=e, tb=traceback.format_exc(limit=8): {"status": f"error: {e!r}"[:400],
+                                                                                      "traceback": tb[-2000:]})]
         for row_name, fn in rows:
             if (name, row_name) in done:
                 continue
@@ -855,8 +864,8 @@ def run_child(args, cfg):
             start = time.perf_counter()
             try:
                 result = fn()
-            except Exception:
-                result = {"status": "error: " + traceback.format_exc(limit=6)[-1500:]}
+            except Exception as e:
+                result = {"status": f"error: {e!r}"[:400], "traceback": traceback.format_exc(limit=8)[-2000:]}
             append_line(args.out_dir, {**record, **result, "seconds": round(time.perf_counter() - start, 2)})
             write_report(args.out_dir, cfg["smoke"])
             if cfg["device"] == "cuda" and str(result["status"]).startswith("error") and not cuda_usable():
@@ -878,7 +887,7 @@ def supervise(args):
     append_line(args.out_dir, {"event": "run", "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                                "budget_s": args.budget_s, "argv": sys.argv[1:]})
     for _ in range(len(SECTIONS) * 4):  # bounded: each restart records (and so skips) one row
-        child = subprocess.Popen(command)
+        child = subprocess.Popen(command, process_group=0)  # its own group: killed with its compile workers
         reason = watch(child, args, deadline)
         if child.returncode == 0:
             break
@@ -889,7 +898,7 @@ def supervise(args):
         elif child.returncode != CONTEXT_LOST:
             print(f"[gpu_check] child exited with status {child.returncode} outside any row", flush=True)
             break
-        if time.time() > deadline + 5:
+        if time.time() > deadline + DEADLINE_GRACE_S + 10:  # no time left for a child that records the skips
             break
     rows = write_report(args.out_dir, args.smoke)
     print("\n".join(summary_line(r) for r in rows))
@@ -899,20 +908,21 @@ def supervise(args):
 
 
 def watch(child, args, deadline):
-    """Wait for the child; kill it when a row runs past --row-timeout-s or the deadline passes by 30 s.
-    Returns the reason it was killed, or None."""
+    """Wait for the child; kill its process group when a row runs past --row-timeout-s, or past the deadline by
+    DEADLINE_GRACE_S (any child: twice that). Returns the reason it was killed, or None."""
     while child.poll() is None:
         time.sleep(0.5)
         lines = read_lines(args.out_dir)
         key = in_flight(lines)
         started = next((e["at"] for e in reversed(lines) if e["event"] == "start"), None) if key else None
+        late = time.time() - deadline
         reason = None
         if started is not None and time.time() - started > args.row_timeout_s:
             reason = f"hung: killed after --row-timeout-s={args.row_timeout_s:g}"
-        elif time.time() > deadline + 30:
+        elif (started is not None and late > DEADLINE_GRACE_S) or late > 2 * DEADLINE_GRACE_S:
             reason = "killed: past the --budget-s deadline"
         if reason:
-            child.kill()
+            os.killpg(child.pid, signal.SIGKILL)
             child.wait()
             return reason
     return None
