@@ -367,6 +367,12 @@ def environment(cfg):
         if on_gpu:
             props = torch.cuda.get_device_properties(0)
             info.update(multiprocessors=props.multi_processor_count, memory_GiB=round(props.total_memory / 2 ** 30, 1))
+            try:  # read only: the card's settings are left as they are
+                info["nvidia-smi"] = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit",
+                     "--format=csv"], capture_output=True, text=True, timeout=20).stdout.strip()
+            except (OSError, subprocess.SubprocessError) as e:
+                info["nvidia-smi"] = repr(e)
         return {"status": "ok", **info}
     return [("versions and device", row)]
 
