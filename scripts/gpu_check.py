@@ -57,6 +57,7 @@ PACKAGE_DIRS = {"fastdpo": os.path.join(ROOT, "fastdpo"), "fastdpo.kernels": os.
 ROWS_FILE, JSON_FILE, MD_FILE = "rows.jsonl", "gpu_check.json", "gpu_check.md"
 CONTEXT_LOST = 3  # child exit status: CUDA context unusable after a row; the supervisor starts a fresh child
 DEADLINE_GRACE_S = 30  # a row still running this long after the deadline is killed
+CHILD_STARTUP_S = 30  # imports and section set-up of a child, enough to record the skipped rows
 
 TOL = {"fp32": 1e-5, "bf16": 1e-2}  # log-probs and gradients of fp32 inputs; bf16: see the next two
 BF16_LOGPS_TOL = 2e-3  # per-sequence log-probs of bf16 inputs vs float64 of the same bf16 values (was 1e-2)
@@ -914,8 +915,10 @@ def supervise(args):
 
 
 def watch(child, args, deadline):
-    """Wait for the child; kill its process group when a row runs past --row-timeout-s, or past the deadline by
-    DEADLINE_GRACE_S (any child: twice that). Returns the reason it was killed, or None."""
+    """Wait for the child; kill its process group when a row runs past --row-timeout-s or past the deadline by
+    DEADLINE_GRACE_S, or when the child, running no row, outlives both the deadline and CHILD_STARTUP_S (a child
+    that only records the skips needs no more). Returns the reason it was killed, or None."""
+    born = time.time()
     while child.poll() is None:
         time.sleep(0.5)
         lines = read_lines(args.out_dir)
@@ -925,7 +928,7 @@ def watch(child, args, deadline):
         reason = None
         if started is not None and time.time() - started > args.row_timeout_s:
             reason = f"hung: killed after --row-timeout-s={args.row_timeout_s:g}"
-        elif (started is not None and late > DEADLINE_GRACE_S) or late > 2 * DEADLINE_GRACE_S:
+        elif late > DEADLINE_GRACE_S and (started is not None or time.time() - born > CHILD_STARTUP_S):
             reason = "killed: past the --budget-s deadline"
         if reason:
             os.killpg(child.pid, signal.SIGKILL)

@@ -56,31 +56,40 @@ TROUBLE = """
     sys.path.insert(0, {scripts!r})
     import gpu_check
 
-    def trouble(cfg):
-        return [("raises", lambda: 1 / 0),
-                ("fine", lambda: {{"status": "ok", "value": 1.0}}),
-                ("dies", lambda: os._exit(7)),
-                ("hangs", lambda: time.sleep(120)),
-                ("after", lambda: {{"status": "ok", "value": 2.0}})]
-
-    gpu_check.SECTIONS = [("trouble", trouble)]
+    ROWS = {{"raises": lambda: 1 / 0, "fine": lambda: {{"status": "ok", "value": 1.0}}, "dies": lambda: os._exit(7),
+            "hangs": lambda: time.sleep(120), "after": lambda: {{"status": "ok", "value": 2.0}}}}
+    gpu_check.SECTIONS = [("trouble", lambda cfg: [(name, ROWS[name]) for name in {rows!r}])]
+    gpu_check.DEADLINE_GRACE_S = 3
     sys.exit(gpu_check.main())
 """
 
 
-def test_supervisor_records_raising_crashing_and_hung_rows_and_goes_on(tmp_path):
+def run_trouble(tmp_path, rows, *options):
+    """Run gpu_check's supervisor over a section of the given TROUBLE rows; -> (exit status, {row: result})."""
     program = tmp_path / "trouble.py"
-    program.write_text(textwrap.dedent(TROUBLE.format(scripts=os.path.join(ROOT, "scripts"))))
+    program.write_text(textwrap.dedent(TROUBLE.format(scripts=os.path.join(ROOT, "scripts"), rows=rows)))
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, str(program), str(out), "--smoke", "--row-timeout-s", "3"],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1, result.stdout + result.stderr
-    rows = {row["row"]: row for row in json.loads((out / "gpu_check.json").read_text())["sections"]["trouble"]}
-    assert list(rows) == ["raises", "fine", "dies", "hangs", "after"]
+    result = subprocess.run([sys.executable, str(program), str(out), "--smoke", *options], capture_output=True,
+                            text=True, timeout=300)
+    report = json.loads((out / "gpu_check.json").read_text())
+    return result.returncode, {row["row"]: row for row in report["sections"]["trouble"]}
+
+
+def test_supervisor_records_raising_crashing_and_hung_rows_and_goes_on(tmp_path):
+    status, rows = run_trouble(tmp_path, ["raises", "fine", "dies", "hangs", "after"], "--row-timeout-s", "3")
+    assert status == 1 and list(rows) == ["raises", "fine", "dies", "hangs", "after"]
     assert rows["raises"]["status"].startswith("error") and "ZeroDivisionError" in rows["raises"]["status"]
     assert rows["fine"]["value"] == 1.0 and rows["after"]["value"] == 2.0
     assert rows["dies"]["status"] == "crashed: process exit status 7"
     assert rows["hangs"]["status"] == "crashed: hung: killed after --row-timeout-s=3"
+
+
+def test_supervisor_kills_a_row_running_past_the_deadline_and_records_the_rest_as_skipped(tmp_path):
+    start = time.time()
+    status, rows = run_trouble(tmp_path, ["hangs", "fine"], "--budget-s", "12")
+    assert status == 1 and time.time() - start < 60
+    assert rows["hangs"]["status"] == "crashed: killed: past the --budget-s deadline"
+    assert rows["fine"]["status"] == "skipped: past the --budget-s deadline"
 
 
 def test_rows_past_the_deadline_are_recorded_as_skipped_and_recorded_rows_are_not_rerun(tmp_path, monkeypatch):
