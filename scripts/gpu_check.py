@@ -101,14 +101,19 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def setup(smoke):
-    """Imports from this checkout, and the environment before triton is imported: the interpreter (with the
-    bf16 fixes of tests/conftest.py) for --smoke."""
+def import_paths():
+    """fastdpo from this checkout (SourceTree), and tests/ and benchmarks/ importable (reference, heads, peers)."""
     if not any(isinstance(finder, SourceTree) for finder in sys.meta_path):
         sys.meta_path.insert(0, SourceTree())
     for folder in ("tests", "benchmarks"):
         if os.path.join(ROOT, folder) not in sys.path:
             sys.path.insert(0, os.path.join(ROOT, folder))
+
+
+def setup(smoke):
+    """import_paths, and the environment before triton is imported: the interpreter (with the bf16 fixes of
+    tests/conftest.py) for --smoke."""
+    import_paths()
     os.environ["TRITON_INTERPRET"] = "1" if smoke else "0"
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     if smoke:

@@ -105,3 +105,15 @@ def test_rows_past_the_deadline_are_recorded_as_skipped_and_recorded_rows_are_no
     rows = gpu_check.finished_rows(gpu_check.read_lines(args.out_dir))
     assert [row["status"] for row in rows.values()] == ["skipped: past the --budget-s deadline"] * 3
     assert len(gpu_check.failures(list(rows.values()))) == 3
+
+
+def test_the_gpu_configuration_lists_unique_rows_in_every_section():
+    """The sections of the CUDA run enumerate their rows without touching the device (compile_warmup lists them
+    too), and row names are unique within a section: rows.jsonl keys on (section, row)."""
+    gpu_check.import_paths()
+    cfg = {**gpu_check.config(smoke=False, backend="triton"), "only": None, "deadline": time.time() + 600}
+    assert cfg["device"] == "cuda" and cfg["anchor_tokens"] * cfg["vocab"] * cfg["hidden"] == 4096 * 128256 * 4096
+    assert cfg["large_rows"] * cfg["vocab"] > 2 ** 31
+    for name, section in gpu_check.SECTIONS:
+        names = [row_name for row_name, _ in section(cfg)]
+        assert names and len(names) == len(set(names)), name
