@@ -60,7 +60,10 @@ DEADLINE_GRACE_S = 30  # a row still running this long after the deadline is kil
 CHILD_STARTUP_S = 30  # imports and section set-up of a child, enough to record the skipped rows
 
 TOL = {"fp32": 1e-5, "bf16": 1e-2}  # log-probs and gradients of fp32 inputs; bf16: see the next two
-BF16_LOGPS_TOL = 2e-3  # per-sequence log-probs of bf16 inputs vs float64 of the same bf16 values (was 1e-2)
+# per-sequence log-probs of bf16 inputs vs float64 of the same bf16 values (was 1e-2). 2e-3 holds for logits
+# rounded to bf16 before the row math (stored / recompute at issue 17's start); with fp32 row math (its
+# deliverable 1) the target is 1e-6, which this constant should then become.
+BF16_LOGPS_TOL = 2e-3
 GRAD_ROUNDING = 3.0  # bf16 gradients: L2 error at most 3x that of rounding the float64 gradient to bf16 (was 1e-2)
 MODES = ("stored", "recompute", "fused")
 PEERS = ("liger", "liger_compiled", "trl_chunked", "torch_lce", "torch_lce_256", "cce")
@@ -551,7 +554,7 @@ def head_step(cfg):
         return row
 
     def unavailable_row(reason):
-        return lambda: {"status": reason, "config": head_config.describe()}
+        return lambda: {"status": f"not available: {reason}", "config": head_config.describe()}
 
     rows = [(f"fastdpo head_mode={mode}", step_row(lambda inp, mode=mode: fastdpo_step(inp, mode)))
             for mode in ("auto",) + MODES]
