@@ -296,11 +296,11 @@ def model_loss(
     """DPO-family loss of a Hugging Face causal LM on a packed batch -> fastdpo.DPOOutput.
 
     `model` (and `ref_model`) are called as given, wrappers included (DDP, FSDP2, torch.compile, accelerate).
-    Reference: at most one of ``ref_model`` (another model, run under no_grad in eval mode), ``ref_logps``
-    (precomputed [2B] float32 per-sequence log-probs, TRL order), ``ref_adapter_disabled=True`` (the same
-    PEFT model with adapters disabled, under no_grad in eval mode: the original LM head of a modules_to_save
-    head); none
-    for ``reference_free=True`` or reference-free loss types (fastdpo.loss raises if the loss needs one).
+    Reference: at most one of ``ref_model`` (another model, run under no_grad in eval mode, as TRL runs its
+    reference: dropout off, each submodule's mode restored after), ``ref_logps`` (precomputed [2B] float32
+    per-sequence log-probs, TRL order), ``ref_adapter_disabled=True`` (the same PEFT model with adapters
+    disabled, under no_grad in eval mode: the original LM head of a modules_to_save head); none for
+    ``reference_free=True`` or reference-free loss types (fastdpo.loss raises if the loss needs one).
     Remaining keyword arguments (beta, loss_type, label_smoothing, temperature, backend, ...) go to fastdpo.loss.
     """
     import fastdpo  # the package's public loss (fastdpo/dpo.py)
