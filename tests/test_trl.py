@@ -77,7 +77,8 @@ class Logs(TrainerCallback):
             self.steps.append(dict(logs))
 
 
-def train(trainer_cls, config_cls, tmp_path, steps=3, peft=False, with_ref=True, models=tiny_models, **options):
+def train(trainer_cls, config_cls, tmp_path, steps=3, peft=False, with_ref=True, models=tiny_models,
+          data_collator=None, **options):
     policy, ref = models()
     ref = ref if with_ref else None
     peft_config = None
@@ -92,7 +93,8 @@ def train(trainer_cls, config_cls, tmp_path, steps=3, peft=False, with_ref=True,
                       dataloader_num_workers=0, **options)
     logs = Logs()
     trainer = trainer_cls(model=policy, ref_model=ref, args=args, train_dataset=preference_dataset(),
-                          processing_class=tokenizer(), callbacks=[logs], peft_config=peft_config)
+                          processing_class=tokenizer(), callbacks=[logs], peft_config=peft_config,
+                          data_collator=data_collator)
     trainer.train()
     weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     weights["total_flos"] = torch.tensor(trainer.state.total_flos, dtype=torch.float64)
@@ -151,30 +153,11 @@ def test_same_as_trl_custom_collator_is_packed(tmp_path):
     multiple of 4) is unpadded and packed; token counts are that collator's."""
     collator = trl.trainer.dpo_trainer.DataCollatorForPreference(pad_token_id=0, max_length=5, pad_to_multiple_of=4,
                                                                  truncation_mode="keep_end")
-    options = dict(loss_type=["sigmoid"], max_length=5, truncation_mode="keep_end", pad_to_multiple_of=4,
-                   include_num_input_tokens_seen="all", shared_prompt=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # TRL deprecates keep_end
-        want_logs, want_weights = train(trl.DPOTrainer, trl.DPOConfig, tmp_path,
-                                        **{k: v for k, v in options.items() if k != "shared_prompt"})
-    original = fastdpo.trl.DPOTrainer.__init__
-
-    def with_collator(self, *args, **kwargs):
-        original(self, *args, data_collator=collator, **kwargs)
-
-    fastdpo.trl.DPOTrainer.__init__ = with_collator
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            got_logs, got_weights = train(fastdpo.trl.DPOTrainer, fastdpo.trl.DPOConfig, tmp_path, **options)
-    finally:
-        fastdpo.trl.DPOTrainer.__init__ = original
-    for got, want in zip(got_logs, want_logs):
-        for key, value in want.items():
-            if "runtime" not in key and "per_second" not in key:
-                assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
-    for name, want in want_weights.items():
-        torch.testing.assert_close(got_weights[name], want, rtol=1e-5, atol=1e-6, msg=name)
+        assert_same_training(tmp_path, fastdpo_options=dict(shared_prompt=False), data_collator=collator,
+                             loss_type=["sigmoid"], max_length=5, truncation_mode="keep_end", pad_to_multiple_of=4,
+                             include_num_input_tokens_seen="all")
 
 
 def test_same_as_trl_mixture_of_experts_router_aux_loss(tmp_path):
