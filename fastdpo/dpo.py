@@ -104,8 +104,8 @@ def loss(logits=None, labels=None, *, ref_logits=None, ref_logps=None, seq_ids=N
          bias=None, ref_hidden=None, ref_weight=None, ref_bias=None, beta=0.1, loss_type="sigmoid",
          loss_weights=None, label_smoothing=0.0, reference_free=False, ignore_index=-100, shift=True,
          num_sequences=None, logit_scale=1.0, softcap=None, temperature=1.0, backend="auto",
-         check_finite=True, head_mode="auto", head_memory_budget=None, fp32_precision="ieee", token_metrics=False,
-         max_scored_tokens=None, **loss_params):
+         check_finite=True, head_mode="auto", head_memory_budget=None, fp32_precision="ieee", token_weights=None,
+         token_metrics=False, max_scored_tokens=None, **loss_params):
     """DPO-family loss for a batch of 2B sequences: B chosen, then B rejected (pair i = i and B + i).
 
     Policy: `logits` [R, T, V], or the fused LM-head form `hidden` [R, T, D] + `weight` [V, D] (+ `bias`).
@@ -116,9 +116,11 @@ def loss(logits=None, labels=None, *, ref_logits=None, ref_logps=None, seq_ids=N
     head_memory_budget, fp32_precision (fused form). `loss_type` (str or list, with `loss_weights`),
     `beta`, `label_smoothing` and `loss_params` (e.g. gamma for simpo) follow TRL's DPOTrainer. A pair
     whose chosen or rejected response has no scored token gets an EmptySequenceWarning naming it (that
-    response counts as log-prob 0). token_metrics=True (fused form) adds TRL's `entropy` and
-    `mean_token_accuracy` to `metrics`, from the policy head's own row pass (no extra matrix product).
-    The reference runs before the policy, so its logits chunks are freed before the policy keeps U.
+    response counts as log-prob 0). `token_weights` (shape of labels) weights each token's log-prob in its
+    sequence's sum, for the policy and a computed reference alike (LD-DPO; see `sequence_logps`); a
+    precomputed `ref_logps` must already be weighted the same way. token_metrics=True (fused form) adds TRL's
+    `entropy` and `mean_token_accuracy` to `metrics`, from the policy head's own row pass (no extra matrix
+    product). The reference runs before the policy, so its logits chunks are freed before the policy keeps U.
     max_scored_tokens=K (at least the number of scored tokens; num_sequences needed with seq_ids) makes the call
     free of host syncs (CUDA-graph capturable, no graph break under torch.compile): the label and finite checks
     become device-side asserts, the head works on K rows (padding rows score nothing) and no
@@ -148,7 +150,8 @@ def loss(logits=None, labels=None, *, ref_logits=None, ref_logps=None, seq_ids=N
         refuse_head_options_without_head(head_options)
     common = dict(seq_ids=seq_ids, ignore_index=ignore_index, shift=shift, num_sequences=num_sequences,
                   logit_scale=logit_scale, softcap=softcap, temperature=temperature, backend=backend,
-                  check_finite=False, max_scored_tokens=max_scored_tokens, **head_options)
+                  check_finite=False, max_scored_tokens=max_scored_tokens, token_weights=token_weights,
+                  **head_options)
     policy = dict(hidden=hidden, weight=weight, bias=bias, token_stats=token_metrics, **common)
     plan, _ = plan_sequence_logps(logits, labels, **policy)
 

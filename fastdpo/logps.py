@@ -85,7 +85,8 @@ def _check_on_host(rows, seq, scored, out_of_range, vocab_size, ignore_index, nu
     n_bad, bad, seq_min, seq_max, n_scored = torch.stack(
         [out_of_range.sum(), first_bad, seq.min(), seq.max(), scored.sum()]).tolist()
     if num_sequences is None:
-        require(seq_max >= 0, "seq_ids hold no sequence (all -1): nothing to score")
+        require(seq_max >= 0, "seq_ids hold no sequence (all -1): nothing to score" if seq_min == -1 else
+                f"seq_ids must be >= -1 (-1 = no sequence; sequences are numbered from 0), found {seq_min}")
         num_sequences = seq_max + 1
     require(seq_min >= -1 and seq_max < num_sequences,
             f"seq_ids must lie in [-1, {num_sequences}) (-1 = no sequence; num_sequences={num_sequences}), "
@@ -183,11 +184,48 @@ def _float64_backend(backend, dtype):
     return "torch"
 
 
+def check_token_weights(token_weights, labels):
+    """token_weights: None or a finite floating tensor shaped like labels, on labels' device."""
+    if token_weights is None:
+        return
+    check_tensor("token_weights", token_weights, floating=True)
+    require(token_weights.shape == labels.shape,
+            f"token_weights must have the shape of labels {tuple(labels.shape)} (one weight per label), "
+            f"got {tuple(token_weights.shape)}")
+    check_same_device(labels=labels, token_weights=token_weights)
+    require(bool(torch.isfinite(token_weights).all()), "token_weights must be finite (found NaN or inf)")
+
+
+def weighted_segments(plan, token_weights, shift):
+    """The plan with every sequence split into one segment per distinct token weight, and those weights.
+
+    Segment k * S + s holds the scored tokens of sequence s whose weight is weights[k] (K distinct weights among
+    the scored tokens). A weighted sum sum_t w_t log p_t is then sum_k weights[k] * (sum of segment k * S + s):
+    the heads never see the weights. Costs K x S segment sums and one host sync (torch.unique); meant for a few
+    distinct values (LD-DPO: 2). Returns (TokenTargets over K * S segments, weights [K] float64).
+    """
+    flat = token_weights.to(torch.float64).reshape(-1, token_weights.shape[-1])
+    if shift:  # aligned with the shifted targets, as in token_targets
+        flat = torch.cat([flat[:, 1:], torch.zeros_like(flat[:, :1])], dim=1)
+    weights, klass = torch.unique(flat.reshape(-1)[plan.rows], return_inverse=True)
+    segment_index = torch.full_like(plan.seq_index, -1)
+    segment_index[plan.rows] = klass * plan.num_sequences + plan.seq_index[plan.rows]
+    return plan._replace(seq_index=segment_index, num_sequences=max(1, weights.numel()) * plan.num_sequences), weights
+
+
+def _combine_segments(values, weights, num_sequences):
+    """[K * S] segment sums -> [S], weighted by `weights` [K] (None: a plain sum)."""
+    blocks = values.reshape(-1, num_sequences)
+    if weights is None or weights.numel() == 0:  # no scored token: all-zero sums
+        return blocks.sum(0)
+    return (blocks * weights.to(blocks.dtype)[:, None]).sum(0)
+
+
 def plan_sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=None, weight=None, bias=None,
                         ignore_index=-100, shift=True, num_sequences=None, logit_scale=1.0, softcap=None,
                         temperature=1.0, backend="auto", check_finite=True, inplace_backward=False,
                         head_mode="auto", head_memory_budget=None, fp32_precision="ieee", plan=None,
-                        token_stats=False, max_scored_tokens=None):
+                        token_stats=False, max_scored_tokens=None, token_weights=None):
     """Validate the arguments of `compute_sequence_logps` (same signature) -> (plan, backend to run).
 
     Builds the TokenTargets (one host sync) unless `plan` is given; computes nothing else."""
@@ -217,6 +255,9 @@ def plan_sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=None, 
     require(not 0 <= ignore_index < vocab_size,
             f"ignore_index must lie outside the vocabulary [0, {vocab_size}) so that it cannot be mistaken for a "
             f"token id, got {ignore_index}")
+    check_token_weights(token_weights, labels)
+    require(token_weights is None or max_scored_tokens is None,
+            "token_weights need a host sync (their distinct values); use them without max_scored_tokens")
     backend = _float64_backend(backend, (hidden if fused else logits).dtype)
     if plan is None:
         plan_fn = token_targets if max_scored_tokens is not None else _token_targets_with_host_checks
@@ -239,7 +280,7 @@ def compute_sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=Non
                            ignore_index=-100, shift=True, num_sequences=None, logit_scale=1.0, softcap=None,
                            temperature=1.0, backend="auto", check_finite=True, inplace_backward=False,
                            head_mode="auto", head_memory_budget=None, fp32_precision="ieee", plan=None,
-                           token_stats=False, max_scored_tokens=None):
+                           token_stats=False, max_scored_tokens=None, token_weights=None):
     """`sequence_logps` plus the per-sequence logit sums (for TRL's logits/* metrics) -> ComputedLogps.
 
     The head options are validated always and used by the fused form only (the public entry points refuse
@@ -247,41 +288,50 @@ def compute_sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=Non
     reference model scores the policy's tokens). token_stats=True (fused form) also sums the tokens' entropies
     and top-1 hits per sequence, from the head's forward row pass (no extra matrix product).
     max_scored_tokens: see `token_targets` (no host sync; check_finite becomes a device-side assert).
+    `token_weights` (shape of labels) weights each token's log-prob in its sequence's sum (the logit sums,
+    token metrics and n_tokens stay unweighted).
     """
     head_options = dict(head_mode=head_mode, head_memory_budget=head_memory_budget, fp32_precision=fp32_precision)
     transforms = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
     plan, backend = plan_sequence_logps(
         logits, labels, seq_ids, hidden=hidden, weight=weight, bias=bias, ignore_index=ignore_index, shift=shift,
         num_sequences=num_sequences, backend=backend, check_finite=check_finite, inplace_backward=inplace_backward,
-        plan=plan, token_stats=token_stats, max_scored_tokens=max_scored_tokens, **transforms, **head_options)
+        plan=plan, token_stats=token_stats, max_scored_tokens=max_scored_tokens, token_weights=token_weights,
+        **transforms, **head_options)
+    segments, segment_weights = (plan, None) if token_weights is None else weighted_segments(plan, token_weights,
+                                                                                             shift)
     token_sums = None
     if hidden is not None:
         if is_vocab_sharded(weight):
             logps, logit_sums = vocab_parallel_sequence_logps(
-                hidden.reshape(-1, hidden.shape[-1]), weight, bias, *plan[:3], backend=backend, rows=plan.rows,
-                **transforms, **head_options)
+                hidden.reshape(-1, hidden.shape[-1]), weight, bias, *segments[:3], backend=backend,
+                rows=segments.rows, **transforms, **head_options)
         else:
             logps, logit_sums, *token_sums = linear_sequence_logps(
-                hidden.reshape(-1, hidden.shape[-1]), weight, bias, *plan[:3], backend=backend, rows=plan.rows,
-                token_stats=token_stats, **transforms, **head_options)
-            token_sums = tuple(token_sums) if token_stats else None
+                hidden.reshape(-1, hidden.shape[-1]), weight, bias, *segments[:3], backend=backend,
+                rows=segments.rows, token_stats=token_stats, **transforms, **head_options)
     else:
         flat = logits.reshape(-1, plan.vocab_size)
         if flat.stride(1) != 1:
             flat = flat.contiguous()
-        logps, logit_sums = logits_sequence_logps(flat, *plan[:3], backend=backend,
+        logps, logit_sums = logits_sequence_logps(flat, *segments[:3], backend=backend,
                                                   inplace_backward=inplace_backward, **transforms)
+    if token_weights is not None:
+        logps = _combine_segments(logps, segment_weights, plan.num_sequences)
+        logit_sums = _combine_segments(logit_sums, None, plan.num_sequences)
+    if token_stats:  # unweighted: per sequence, whatever the segments
+        token_sums = tuple(_combine_segments(sums, None, plan.num_sequences) for sums in token_sums)
     if check_finite and max_scored_tokens is not None:
         torch._assert_async(torch.isfinite(logps).all(), "non-finite sequence log-probs")
     elif check_finite:
         check_finite_logps({"hidden/weight" if hidden is not None else "logits": logps})
-    return ComputedLogps(logps, plan.n_tokens, logit_sums, plan, token_sums)
+    return ComputedLogps(logps, plan.n_tokens, logit_sums, plan, token_sums or None)
 
 
 def sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=None, weight=None, bias=None,
                    ignore_index=-100, shift=True, num_sequences=None, logit_scale=1.0, softcap=None,
                    temperature=1.0, backend="auto", check_finite=True, inplace_backward=False, head_mode="auto",
-                   head_memory_budget=None, fp32_precision="ieee"):
+                   head_memory_budget=None, fp32_precision="ieee", token_weights=None):
     """Summed log-probability of each sequence's target tokens.
 
     Logits form: logits [R, T, V] (fp32/bf16/fp16/fp64) with labels [R, T] (or [T, V] with [T]).
@@ -297,6 +347,9 @@ def sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=None, weigh
     inputs, n_tokens [S] int64). A sequence with no scored token has logps 0 and n_tokens 0.
     check_finite raises FloatingPointError when a result is NaN/inf (a NaN/+inf logit in a scored row, or
     -inf at a target); inplace_backward writes grad_logits into the logits buffer (logits form only).
+    token_weights (floating, shape of labels, aligned with labels) makes each sum weighted,
+    sum_t token_weights[t] * log p(labels[t]), e.g. LD-DPO's down-weighted tail; n_tokens still counts every
+    scored token. Few distinct weight values are cheap (each is a segment of the sums).
     """
     head_options = dict(head_mode=head_mode, head_memory_budget=head_memory_budget, fp32_precision=fp32_precision)
     if logits is not None:
@@ -305,5 +358,5 @@ def sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=None, weigh
         logits, labels, seq_ids, hidden=hidden, weight=weight, bias=bias, ignore_index=ignore_index,
         shift=shift, num_sequences=num_sequences, logit_scale=logit_scale, softcap=softcap,
         temperature=temperature, backend=backend, check_finite=check_finite,
-        inplace_backward=inplace_backward, **head_options)
+        inplace_backward=inplace_backward, token_weights=token_weights, **head_options)
     return SequenceLogps(logps, n_tokens)
