@@ -39,6 +39,8 @@ HEAD_MODES = ("auto", "stored", "recompute", "fused")
 CPU_HEAD_MEMORY_BUDGET = 1 << 30  # bytes
 CUDA_HEAD_MEMORY_FRACTION = 1 / 8  # of the device's total memory (a property of the device: the same every step)
 MIN_SCRATCH_ROWS = 64  # fp32 logits rows a 16-bit "stored" head needs beside U (fewer make the GEMMs too thin)
+CPU_VOCAB_SLAB = 2048  # CPU logits GEMM in slabs of vocabulary rows: the weight slab and the output block stay in
+#                        cache (K = D is short); 2.5x faster than one GEMM at 512 x 256 x 32000 on 2 cores
 
 
 def default_head_memory_budget(device):
@@ -139,6 +141,16 @@ class Products:
             return torch.mm(a, b, out_dtype=self.math, **into)
         return torch.mm(a.to(self.math), b.to(self.math), **into)
 
+    def logits(self, h, weight, out):
+        """h [C, D] @ weight.T -> out [C, V] in the math dtype. CPU: in vocabulary slabs (cache-sized GEMMs, and a
+        16-bit weight is upcast one slab at a time); CUDA: one GEMM."""
+        if weight.device.type == "cuda":
+            return self.mm(h, weight.t(), out=out)
+        for begin in range(0, weight.shape[0], CPU_VOCAB_SLAB):
+            end = min(begin + CPU_VOCAB_SLAB, weight.shape[0])
+            self.mm(h, weight[begin:end].t(), out=out[:, begin:end])
+        return out
+
     def add_mm_(self, total, a, b):
         """total (math dtype) += a @ b, accumulated in the math dtype."""
         if self.out_dtype:
@@ -161,7 +173,7 @@ class GemmHead:
     @staticmethod
     def _logits(products, hidden, weight, bias, rows, out):
         """X = hidden[rows] @ W^T (+ b) written into out [C, V] in the math dtype (fp32 accumulation)."""
-        x = products.mm(hidden.index_select(0, rows), weight.t(), out=out)
+        x = products.logits(hidden.index_select(0, rows), weight, out)
         return x if bias is None else x.add_(bias)
 
     def forward(self, hidden, weight, bias, rows, targets, *, keep, token_stats=False):

@@ -15,7 +15,9 @@ import contextlib
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 22  # fp32 elements of one [rows, V] working tile (16 MiB)
+CHUNK_ELEMENTS = 1 << 22  # fp32 elements of one [rows, V] working tile copied out of the logits (16 MiB)
+IN_PLACE_CHUNK_ELEMENTS = 1 << 24  # rows worked on in place (the head's own buffers): fewer, larger torch ops;
+#                                    only [rows] vectors and, with softcap or token_stats, tile-sized temporaries
 FP32_PRECISIONS = ("ieee", "tf32")
 
 
@@ -127,10 +129,10 @@ def _dlogp_dx_(z, stats, targets, grad, transform):
     return z if slope is None else z.mul_(slope)
 
 
-def _row_blocks(targets, vocab_size):
-    """Row blocks of at most CHUNK_ELEMENTS elements: slices when every row has a target (views, no copies),
-    else index tensors of the rows with a target."""
-    rows_per_chunk = max(1, CHUNK_ELEMENTS // vocab_size)
+def _row_blocks(targets, vocab_size, in_place):
+    """Row blocks of at most CHUNK_ELEMENTS elements (IN_PLACE_CHUNK_ELEMENTS when in_place): slices when every
+    row has a target (views, no copies), else index tensors of the rows with a target."""
+    rows_per_chunk = max(1, (IN_PLACE_CHUNK_ELEMENTS if in_place else CHUNK_ELEMENTS) // vocab_size)
     N = targets.shape[0]
     if bool((targets >= 0).all()):
         return [slice(begin, min(begin + rows_per_chunk, N)) for begin in range(0, N, rows_per_chunk)]
@@ -166,7 +168,7 @@ def row_logps_forward(logits, targets, *, logit_scale=1.0, softcap=None, tempera
     outs = torch.zeros(6 if token_stats else 4, N, device=logits.device, dtype=dtype)
     top1 = torch.zeros(N, device=logits.device, dtype=torch.bool) if token_stats else None
     in_place = overwrite or (write_grad and grad_out is None)
-    for rows in _row_blocks(targets, V):
+    for rows in _row_blocks(targets, V, in_place and logits.dtype == dtype):
         z, is_view = _math_rows(logits, rows, dtype, in_place)
         z, row_targets = transform.apply_(z), targets[rows]
         if token_stats:
@@ -193,7 +195,7 @@ def row_logps_backward(logits, targets, stats, grad_rows, *, out=None, logit_sca
     active = (targets >= 0) & (grad_rows != 0)
     grad = torch.empty_like(logits) if out is None else out
     in_place = overwrite or out is logits
-    for rows in _row_blocks(torch.where(active, targets, -1), V):
+    for rows in _row_blocks(torch.where(active, targets, -1), V, in_place and logits.dtype == dtype):
         z, is_view = _math_rows(logits, rows, dtype, in_place)
         row_grad = _dlogp_dx_(transform.apply_(z), stats[:, rows].to(dtype), targets[rows],
                               grad_rows[rows].to(dtype), transform)
