@@ -18,8 +18,7 @@ kept, chunks within the budget.
 
 Precision: the row functions always see logits in the math dtype (fp32; fp64 for fp64 inputs): for 16-bit
 inputs the logits GEMM accumulates in fp32 and writes fp32 (CUDA: torch.mm(..., out_dtype=torch.float32);
-CPU, where torch 2.13 has no such kernel: the operands are upcast, a transient V x D fp32 copy of the
-weight). U is kept in the input dtype. grad_hidden rows and, with one chunk, grad_weight / grad_bias come
+CPU, where torch 2.13 has no such kernel: the operands are upcast, one CPU_VOCAB_SLAB of weight rows at a time). U is kept in the input dtype. grad_hidden rows and, with one chunk, grad_weight / grad_bias come
 out of one GEMM each in their final dtype; with several chunks the grad_weight partials are summed in an fp32
 accumulator (fixed order) and cast once. Matrix products run under `matmul_precision` (exact fp32 or TF32 as
 asked, and no reduced-precision bf16/fp16 reductions). No atomics: bitwise deterministic on a given device.
