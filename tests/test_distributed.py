@@ -61,9 +61,9 @@ def launch(mode, tmp_path, launcher="torchrun"):
     return res["modes"]
 
 
-def check_equal_to_single_process(r):
+def check_equal_to_single_process(r, num_params=21):
     assert r["ok"], r
-    assert r["num_params"] == 21 and not r["missing_grads"], r
+    assert r["num_params"] == num_params and not r["missing_grads"], r
     assert r["grad_norm"] > 0.1, r
     assert r["max_tolerance_ratio"] <= 1.0, r  # |g_dist - g_single| <= 1e-6 + 1e-5 |g_single|
     assert r["loss_abs_diff"] <= 1e-6, r
@@ -119,6 +119,18 @@ def test_torchrun_ddp_and_vocab_parallel_head(tmp_path):
 
 def test_torchrun_fsdp2(tmp_path):
     check_data_parallel(launch("fsdp2", tmp_path)["fsdp2"], "fsdp2")
+
+
+def test_torchrun_fsdp2_head_in_its_own_group(tmp_path):
+    """The LM head in its own fully_shard group: resharded after its forward (the model path all-gathers it
+    and reduces its gradient as FSDP2 does), kept unsharded, and tied to the input embedding (one group for
+    both). Before the fix, the resharded head kept each rank's unaveraged gradient (off by ~3e-2)."""
+    res = launch("fsdp2_head,fsdp2_head_keep,fsdp2_head_tied", tmp_path)
+    for mode, r in res.items():
+        r = r["model_loss"]
+        check_equal_to_single_process(r, num_params=20 if mode.endswith("tied") else 21)
+        assert r["max_abs_grad_diff"] <= 1e-6 and r["wrapper"].startswith("FSDP"), r
+        assert "lm.lm_head.weight" in r["dtensor_params"] or mode.endswith("tied"), r
 
 
 def test_accelerate_launch_ddp_with_accumulation(tmp_path):
