@@ -13,7 +13,7 @@ import torch
 from .parallel import is_vocab_sharded
 from .validate import require
 
-__all__ = ["unwrap_causal_lm", "shard_lm_head", "is_vocab_parallel_head", "check_head_parameters", "head_parameter"]
+__all__ = ["unwrap_causal_lm", "shard_lm_head", "is_vocab_parallel_head", "HeadParameters", "parameter_rows"]
 
 
 def inner_module(module: torch.nn.Module) -> torch.nn.Module | None:
@@ -113,23 +113,16 @@ class _GatherDataParallelShards(torch.autograd.Function):
         return summed.redistribute(ctx.mesh, ctx.placements) / ctx.mesh.size()
 
 
-def check_head_parameters(model: torch.nn.Module, head: torch.nn.Module) -> None:
-    """Raise, before `model`'s forward, if the loss could not read `head`'s parameters correctly after it
-    (see head_parameter)."""
-    for name in ("weight", "bias"):
-        _is_fsdp2_shard(model, head, name)
+def _is_zero3_partitioned(param) -> bool:
+    """True for a parameter that DeepSpeed ZeRO-3 partitions (whole only inside its module's forward)."""
+    return getattr(param, "ds_id", None) is not None
 
 
 def _is_fsdp2_shard(model, head, name) -> bool:
-    """True for an FSDP2 shard (DTensor) of `head`'s parameter `name`; False for a plain tensor or a
-    vocabulary-parallel head; raises for what the loss cannot read."""
+    """True for an FSDP2 shard (DTensor) of `head`'s parameter `name`; False for a plain tensor, a
+    vocabulary-parallel head or a ZeRO-3 parameter; raises for a DTensor the loss cannot read."""
     param = getattr(head, name, None)
-    if param is None or is_vocab_parallel_head(head):
-        return False
-    if getattr(param, "ds_id", None) is not None:
-        raise NotImplementedError("DeepSpeed ZeRO-3 partitions the LM head weight, which the fused LM-head loss "
-                                  "reads outside the head's forward; use ZeRO-1/2 or FSDP2")
-    if not is_vocab_sharded(param):  # a plain tensor
+    if param is None or is_vocab_parallel_head(head) or not is_vocab_sharded(param):
         return False
     from torch.distributed.tensor import Replicate, Shard
 
@@ -143,12 +136,60 @@ def _is_fsdp2_shard(model, head, name) -> bool:
     return True
 
 
-def head_parameter(model: torch.nn.Module, head: torch.nn.Module, name: str) -> torch.Tensor | None:
-    """`head`'s parameter `name` ("weight" or "bias"), read after `model`'s forward, as the loss uses it.
+class HeadParameters:
+    """The LM head's weight and bias as the fused loss reads them after the model's forward, whatever engine
+    holds them. Checks at construction (before the forward) that they can be read; use as a context
+    manager around the model's forward, then `read(head)` -> (weight, bias).
 
-    A plain tensor (DDP, FSDP2 with the head's group unsharded, no engine) as is; a vocabulary-parallel head's
-    DTensor shard as is; an FSDP2 shard all-gathered, its gradient reduced as FSDP2 reduces it (module
-    docstring). DeepSpeed ZeRO-3's partitioned parameters are refused; other DTensor layouts too.
+    * plain tensors (no engine, DDP, ZeRO-1/2, FSDP2 with the head's group still unsharded): as they are;
+    * a vocabulary-parallel head (shard_lm_head): its DTensor shards, for the vocabulary-parallel op;
+    * FSDP2 shards (the head's group resharded after its forward): all-gathered, gradient reduced as FSDP2
+      reduces it (module docstring);
+    * DeepSpeed ZeRO-3 partitions: taken while ZeRO-3 holds them gathered for the head's forward. The head
+      returns them as its output, so ZeRO-3's module hooks see them as what the head computed: the gathered
+      buffer stays alive (no copy) until the loss's backward has used it, ZeRO-3 gathers the head again for
+      that backward and reduces its gradient into the partitioned gradient, once per backward. The model
+      continues with the head's real (empty) output.
     """
-    param = getattr(head, name, None)
-    return _GatherDataParallelShards.apply(param) if _is_fsdp2_shard(model, head, name) else param
+
+    def __init__(self, model: torch.nn.Module, heads: list[torch.nn.Module]):
+        self.model, self.heads, self.handles, self.taken = model, heads, [], {}
+        self.zero3 = [head for head in heads
+                      if any(_is_zero3_partitioned(getattr(head, n, None)) for n in ("weight", "bias"))]
+        for head in heads:
+            for name in ("weight", "bias"):
+                _is_fsdp2_shard(model, head, name)  # raises for what cannot be read
+
+    def __enter__(self):
+        for head in self.zero3:
+            held = []
+
+            def hand_out(module, args, output, held=held):  # before ZeRO-3's post-forward hooks
+                held.append(output)
+                return tuple(getattr(module, n).view_as(getattr(module, n)) for n in ("weight", "bias")
+                             if getattr(module, n, None) is not None)
+
+            def take(module, args, output, held=held):  # after them: what ZeRO-3 wrapped
+                self.taken[module] = output
+                return held.pop()
+
+            self.handles += [head.register_forward_hook(hand_out, prepend=True), head.register_forward_hook(take)]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def read(self, head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) of `head` (one of the heads given, after the model's forward)."""
+        if head in self.zero3:
+            weight, *bias = self.taken[head]
+            return weight, (bias[0] if bias else None)
+        return tuple(_GatherDataParallelShards.apply(getattr(head, n)) if _is_fsdp2_shard(self.model, head, n)
+                     else getattr(head, n, None) for n in ("weight", "bias"))
+
+
+def parameter_rows(param: torch.Tensor) -> int:
+    """Rows of a parameter, also while DeepSpeed ZeRO-3 holds it partitioned (then its shape is empty)."""
+    return (param.ds_shape if _is_zero3_partitioned(param) else param.shape)[0]

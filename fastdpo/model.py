@@ -22,7 +22,7 @@ import torch
 from .attention import bool_mask, eager_mask, flash_attn_varlen_kwargs, flex_block_mask
 from .logps import SequenceLogps, sequence_logps
 from .packing import PackedBatch
-from .distributed import check_head_parameters, head_parameter, inner_module, is_vocab_parallel_head, unwrap_causal_lm
+from .distributed import HeadParameters, inner_module, is_vocab_parallel_head, parameter_rows, unwrap_causal_lm
 
 __all__ = ["model_loss", "model_sequence_logps", "forward_hidden", "HeadInputs", "attention_inputs",
            "logit_transforms", "unwrap_causal_lm"]
@@ -113,7 +113,7 @@ def attention_inputs(model: torch.nn.Module, batch: PackedBatch) -> dict[str, An
 
 def _check_ids(lm: torch.nn.Module, batch: PackedBatch, what: str) -> None:
     emb = lm.get_input_embeddings()
-    n_in = emb.weight.shape[0] if emb is not None else None
+    n_in = parameter_rows(emb.weight) if emb is not None else None
     ids = batch.input_ids
     if int(ids.min()) < 0:
         raise ValueError(f"input_ids contain a negative token id {int(ids.min())}")
@@ -146,8 +146,7 @@ def forward_hidden(model: torch.nn.Module, batch: PackedBatch) -> HeadInputs:
     lm = unwrap_causal_lm(model)
     leaves = _head_leaves(lm)
     _check_ids(lm, batch, "model")
-    for leaf in leaves:
-        check_head_parameters(model, leaf)
+    parameters = HeadParameters(model, leaves)  # refuses, before the forward, what it could not read
     captured = []
 
     def capture(module, args):
@@ -163,8 +162,9 @@ def forward_hidden(model: torch.nn.Module, batch: PackedBatch) -> HeadInputs:
     handles = [leaf.register_forward_pre_hook(capture) for leaf in leaves]
     try:
         batch = batch.to(lm.get_input_embeddings().weight.device)
-        model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-              **attention_inputs(lm, batch))
+        with parameters:
+            model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                  **attention_inputs(lm, batch))
     finally:
         for handle in handles:
             handle.remove()
@@ -174,7 +174,7 @@ def forward_hidden(model: torch.nn.Module, batch: PackedBatch) -> HeadInputs:
     if hidden.shape[:2] != batch.input_ids.shape:
         raise RuntimeError(f"the LM head received hidden states of shape {tuple(hidden.shape)} for a batch of "
                            f"shape {tuple(batch.input_ids.shape)}")
-    weight, bias = head_parameter(model, module, "weight"), head_parameter(model, module, "bias")
+    weight, bias = parameters.read(module)
     dtype = autocast or weight.dtype
     hidden = hidden.to(device=weight.device, dtype=dtype)
     return HeadInputs(hidden, weight.to(dtype), None if bias is None else bias.to(dtype), **logit_transforms(lm))

@@ -18,6 +18,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "dist_worker.py")
+DS_WORKER = os.path.join(HERE, "ds_worker.py")
 EXAMPLE = os.path.join(os.path.dirname(HERE), "examples", "multi_gpu.py")
 
 
@@ -27,7 +28,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_two_processes(launcher, script_and_args, cwd, timeout=150):
+def run_two_processes(launcher, script_and_args, cwd, timeout=150, **env_vars):
     """Run a script in 2 processes with torchrun or accelerate launch -> its stdout (fails the test on error)."""
     import torch.distributed as dist
 
@@ -39,7 +40,7 @@ def run_two_processes(launcher, script_and_args, cwd, timeout=150):
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
                "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={port}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **env_vars)
     try:
         proc = subprocess.run(cmd + script_and_args, env=env, capture_output=True, text=True, timeout=timeout,
                               cwd=cwd)
@@ -147,3 +148,22 @@ def test_multi_gpu_example_fsdp2_under_accelerate(tmp_path):
     assert len(losses) == 3, out
     assert abs(losses[0] - math.log(2)) < 1e-4, out  # policy == reference before the first step
     assert losses[-1] < losses[0] - 0.01, out  # it learns
+
+
+@pytest.mark.parametrize("stage,tied_lora", [(2, False), (3, False), (3, True)],
+                         ids=["zero2", "zero3", "zero3-tied-lora"])
+def test_accelerate_deepspeed_zero_matches_single_process(tmp_path, stage, tied_lora):
+    """model_loss inside a DeepSpeed engine prepared by accelerate (DS_ACCELERATOR=cpu, gloo, 2 ranks under
+    torchrun), 2 steps x 2 micro-batches, ZeRO-3 reference: per-step loss and final weights equal one process
+    on the global batch. ZeRO-3 partitions the LM head (persistence threshold 0): it is empty at rest."""
+    out = tmp_path / "ds.json"
+    run_two_processes("torchrun", [DS_WORKER, "--stage", str(stage), "--out", str(out)]
+                      + (["--tied-lora"] if tied_lora else []), tmp_path, DS_ACCELERATOR="cpu")
+    r = json.loads(out.read_text())
+    assert r["ok"], r
+    assert r["world_size"] == 2 and r["backend"] == "gloo" and r["distributed_type"] == "DistributedType.DEEPSPEED", r
+    assert r["engine"] == "DeepSpeedEngine" and r["tied"] == tied_lora and not r["missing"], r
+    assert r["num_trained"] == (8 if tied_lora else 21), r  # LoRA: A and B of q_proj, v_proj in 2 layers
+    assert r["head_partitioned"] == (stage == 3) and r["head_rows_at_rest"] == (0 if stage == 3 else 96), r
+    assert r["max_loss_rel_diff"] <= 1e-6 and r["weight_rel_diff"] <= 1e-6, r
+    assert r["weights_moved_rel"] > 1e-4, r  # the steps really trained
