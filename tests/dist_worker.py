@@ -442,6 +442,25 @@ def check_vocab_parallel(mesh):
     return out
 
 
+def check_sampler_seeds(pairs):
+    """PreferenceShardSampler: the same seed on every rank gives disjoint shards covering the global batch; a
+    seed that differs by rank is refused on every rank at construction (before any step)."""
+    from fastdpo.sharding import PreferenceShardSampler, pair_token_lengths
+
+    lengths = pair_token_lengths(pairs)
+    mine = next(iter(PreferenceShardSampler(lengths, pairs_per_rank=GLOBAL_PAIRS // dist.get_world_size(), seed=3)))
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    try:
+        PreferenceShardSampler(lengths, pairs_per_rank=2, seed=dist.get_rank())
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
+    covered = sorted(i for shard in everyone for i in shard)
+    return {"ok": covered == list(range(GLOBAL_PAIRS)) and refusal is not None and "seed differ" in refusal,
+            "refusal": refusal, "shards": everyone}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", required=True, help="comma-separated engines, run in turn: ddp, fsdp2, tp")
@@ -483,6 +502,9 @@ def main():
         if mode == "tp":
             out["vocab_parallel"] = check_vocab_parallel(mesh)
             checks.append(out["vocab_parallel"])
+        if mode == "ddp" and not args.accelerate:
+            out["sampler"] = check_sampler_seeds(pairs)
+            checks.append(out["sampler"])
     ok = all(check["ok"] for check in checks)
     results["ok"], results["seconds"] = ok, time.time() - t0
     if dist.get_rank() == 0:

@@ -115,6 +115,8 @@ def check_vocab_parallel_head(res):
 def test_torchrun_ddp_and_vocab_parallel_head(tmp_path):
     res = launch("ddp,tp", tmp_path)  # one launch, two engines in turn (each launch costs ~10 s of start-up)
     check_data_parallel(res["ddp"], "ddp")
+    sampler = res["ddp"]["sampler"]  # seed per rank: refused on every rank at construction, not silently overlapping
+    assert sampler["ok"] and "seed differ" in sampler["refusal"] and "[{'seed': 0}, {'seed': 1}]" in sampler["refusal"]
     check_vocab_parallel_head(res["tp"])
 
 

@@ -317,4 +317,7 @@ def test_sampler_refusals_and_pair_lengths():
         PreferenceShardSampler([5] * 8, pairs_per_rank=2)
     pairs = [{"prompt_input_ids": [1] * 5, "chosen_input_ids": [2] * 3, "rejected_input_ids": [3] * 4}]
     assert pair_token_lengths(pairs) == [5 + 3 + 1 + 4]
+    trl_rows = [{"prompt_ids": p["prompt_input_ids"], "chosen_ids": p["chosen_input_ids"],
+                 "rejected_ids": p["rejected_input_ids"]} for p in pairs]  # TRL 1.16 names
+    assert pair_token_lengths(trl_rows) == pair_token_lengths([tuple(r.values()) for r in trl_rows]) == [13]
     assert pair_token_lengths(pairs, shared_prompt=False) == [2 * 5 + 3 + 4]
