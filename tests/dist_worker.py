@@ -23,6 +23,10 @@ against a single-process run of the same model on the whole global batch of 8 pr
   logit transforms, bias, packed sequences, both head modes), large logits, no scored token, the reference
   path, the process_group= form, and refusals raised on both ranks together (no hang).
 
+FSDP2 modes: ``fsdp2`` (the head in the root group), ``fsdp2_head`` (the head in its own group, resharded after
+its forward), ``fsdp2_head_keep`` (reshard_after_forward=False), ``fsdp2_head_tied`` (tied embeddings, one
+group for embedding and head). ``ddp`` also checks PreferenceShardSampler across ranks (``sampler``).
+
 ``--mode ddp,tp`` runs several engines in one launch (each launch costs ~10 s of start-up).
 
 Gradients (DDP all-reduce, FSDP2 reduce-scatter -> full_tensor(), TP DTensor shards -> full_tensor()) are
@@ -463,7 +467,7 @@ def check_sampler_seeds(pairs):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", required=True, help="comma-separated engines, run in turn: ddp, fsdp2, tp")
+    ap.add_argument("--mode", required=True, help="comma-separated engines, run in turn: ddp, tp, fsdp2*")
     ap.add_argument("--accelerate", action="store_true", help="prepare the ddp model with accelerate")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()

@@ -5,7 +5,9 @@ accelerate launch and checks its JSON summary: losses and gradients equal a sing
 same global batch (|g_dist - g_single| <= 1e-6 + 1e-5 |g_single|, losses within 1e-6), for fastdpo.loss on
 padded batches and for fastdpo.model.model_loss on packed shared-prompt batches with two micro-batches of
 gradient accumulation; the vocabulary-parallel head is also bitwise equal across ranks and repeated runs.
-Also runs examples/multi_gpu.py (FSDP2) under accelerate launch. About 10-20 s per launch on 2 cores.
+FSDP2 is also checked with the LM head in its own group (resharded, kept, tied), DeepSpeed ZeRO-2 / ZeRO-3
+through accelerate (tests/ds_worker.py: per-step loss and final weights), and the sampler's cross-rank seed
+check. Also runs examples/multi_gpu.py (FSDP2) under accelerate launch. About 10-20 s per launch on 2 cores.
 """
 import json
 import math
