@@ -134,6 +134,15 @@ def main():
         if args.stage == 3:  # outside the forward the head is partitioned again
             result["head_partitioned"] &= head.numel() == 0
 
+    if args.stage == 3:  # what a reference forward holds of the head: one full copy, ZeRO-3's own released
+        from fastdpo.model import forward_hidden
+
+        with torch.no_grad():
+            held = forward_hidden(engine.module.lm, pack(pairs[:2])).weight
+        result.update({"head_partition_numel": head.ds_tensor.numel(), "head_numel": head.ds_numel,
+                       "held_head_bytes": held.untyped_storage().nbytes(), "head_numel_after": head.numel()})
+        result["head_partitioned"] &= (result["head_partition_numel"] == -(-head.ds_numel // world)
+                                       and result["held_head_bytes"] == 4 * head.ds_numel and head.numel() == 0)
     gather = deepspeed.zero.GatheredParameters if args.stage == 3 else (lambda params: torch.no_grad())
     got_weights = named_weights(engine.module, gather)
     names = sorted(want_weights)

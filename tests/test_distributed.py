@@ -171,3 +171,6 @@ def test_accelerate_deepspeed_zero_matches_single_process(tmp_path, stage, tied_
     assert r["head_partitioned"] == (stage == 3) and r["head_rows_at_rest"] == (0 if stage == 3 else 96), r
     assert r["max_loss_rel_diff"] <= 1e-6 and r["weight_rel_diff"] <= 1e-6, r
     assert r["weights_moved_rel"] > 1e-4, r  # the steps really trained
+    if stage == 3:  # head 96 x 32: half per rank at rest; a forward holds one full fp32 copy, ZeRO-3's released
+        assert r["head_partition_numel"] == 1536 and r["held_head_bytes"] == 4 * 3072, r
+        assert r["head_numel_after"] == 0, r
