@@ -195,6 +195,8 @@ def _as_token_list(x, what: str, i: int, vocab_size: int | None) -> list[int]:
     lo, hi = min(toks), max(toks)
     if lo < 0:
         raise ValueError(f"{what}[{i}] contains a negative token id {lo}")
+    if hi > torch.iinfo(torch.int64).max:
+        raise ValueError(f"{what}[{i}] contains token id {hi}, beyond the int64 range of token ids (< 2**63)")
     if vocab_size is not None and hi >= vocab_size:
         raise ValueError(f"{what}[{i}] contains token id {hi} outside the vocabulary (vocab_size={vocab_size})")
     return toks
