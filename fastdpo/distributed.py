@@ -136,6 +136,26 @@ def _is_fsdp2_shard(model, head, name) -> bool:
     return True
 
 
+def _check_fsdp2_grouping(model, head) -> None:
+    """Refuse a head inside a non-root FSDP2 group of other modules that reshards after its forward: that
+    forward ends before the loss reads the head's input, so the group's other parameters (the final norm)
+    would be freed for the backward, whose pre-backward hook (on the group's unused logits) never fires."""
+    groups = _fsdp2_groups_around(model, head)
+    if not groups or groups[-1] is head:  # no FSDP2, or the head's own group (also [embed_tokens, lm_head])
+        return
+    try:  # torch's FSDP2 state (private): whether the group is the root, whether it reshards after forward
+        state = groups[-1]._get_fsdp_state()
+        resharded = any(group._reshard_after_forward for group in state._fsdp_param_groups)
+        non_root = state._is_root is False  # None before the first forward: it will be the root
+    except AttributeError:  # another torch version: nothing to check against
+        return
+    require(not (resharded and non_root),
+            f"the LM head is in a non-root FSDP2 group ({type(groups[-1]).__name__}) with other modules that "
+            f"reshards after its forward, which ends before the loss reads the head: those modules' parameters "
+            f"would be freed for the backward. Give the LM head its own fully_shard group, keep it in the root "
+            f"group, or pass reshard_after_forward=False for that group")
+
+
 class HeadParameters:
     """The LM head's weight and bias as the fused loss reads them after the model's forward, whatever engine
     holds them. Checks at construction (before the forward) that they can be read; use as a context
@@ -157,6 +177,7 @@ class HeadParameters:
         self.zero3 = [head for head in heads
                       if any(_is_zero3_partitioned(getattr(head, n, None)) for n in ("weight", "bias"))]
         for head in heads:
+            _check_fsdp2_grouping(model, head)
             for name in ("weight", "bias"):
                 _is_fsdp2_shard(model, head, name)  # raises for what cannot be read
 

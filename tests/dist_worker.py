@@ -25,7 +25,8 @@ against a single-process run of the same model on the whole global batch of 8 pr
 
 FSDP2 modes: ``fsdp2`` (the head in the root group), ``fsdp2_head`` (the head in its own group, resharded after
 its forward), ``fsdp2_head_keep`` (reshard_after_forward=False), ``fsdp2_head_tied`` (tied embeddings, one
-group for embedding and head). ``ddp`` also checks PreferenceShardSampler across ranks (``sampler``).
+group for embedding and head), ``fsdp2_lm_keep`` / ``fsdp2_lm`` (the head in a non-root group with the rest of
+the causal LM, reshard_after_forward False / True: the latter is refused). ``ddp`` also checks PreferenceShardSampler across ranks (``sampler``).
 
 ``--mode ddp,tp`` runs several engines in one launch (each launch costs ~10 s of start-up).
 
@@ -183,6 +184,8 @@ def wrap(mode, model, accelerator, mesh):
                       "fsdp2_head_tied": [model.lm.model.embed_tokens, model.lm.lm_head]}.get(mode)
         if head_group:  # the LM head in its own group (torchtitan-style), resharded after its forward or not
             fully_shard(head_group, reshard_after_forward=mode != "fsdp2_head_keep")
+        if mode in ("fsdp2_lm", "fsdp2_lm_keep"):  # the head in a non-root group with the final norm
+            fully_shard(model.lm, reshard_after_forward=mode == "fsdp2_lm")
         return fully_shard(model), ""
     shard_lm_head(model.lm, mesh)  # lm_head.weight: DTensor Shard(0)
     return model, ""
@@ -237,7 +240,7 @@ def check_loss_forms(mode, pairs, ref_model):
     return results
 
 
-FSDP2_MODES = ("fsdp2", "fsdp2_head", "fsdp2_head_keep", "fsdp2_head_tied")
+FSDP2_MODES = ("fsdp2", "fsdp2_head", "fsdp2_head_keep", "fsdp2_head_tied", "fsdp2_lm", "fsdp2_lm_keep")
 TIED_MODES = ("fsdp2_head_tied",)
 VOCAB_PARALLEL_CALLS = [0]  # calls fastdpo.logps routed to the vocabulary-parallel op (see count_vocab_parallel_calls)
 
@@ -289,6 +292,13 @@ def check_model_loss(mode, pairs, accelerator, mesh):
             total += loss.detach() / MICRO_BATCHES
         return total, full_grads(dist_model, prefix)
 
+    if mode == "fsdp2_lm":  # refused before the forward, on every rank (it would free the norm for backward)
+        try:
+            step()
+            refusal = None
+        except ValueError as error:
+            refusal = str(error)
+        return {"mode": mode, "refusal": refusal, "ok": refusal is not None and "non-root FSDP2 group" in refusal}
     calls_before = VOCAB_PARALLEL_CALLS[0]
     loss, g_dist = step()
     from torch.distributed.tensor import DTensor

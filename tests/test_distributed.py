@@ -129,8 +129,12 @@ def test_torchrun_fsdp2(tmp_path):
 def test_torchrun_fsdp2_head_in_its_own_group(tmp_path):
     """The LM head in its own fully_shard group: resharded after its forward (the model path all-gathers it
     and reduces its gradient as FSDP2 does), kept unsharded, and tied to the input embedding (one group for
-    both). Before the fix, the resharded head kept each rank's unaveraged gradient (off by ~3e-2)."""
-    res = launch("fsdp2_head,fsdp2_head_keep,fsdp2_head_tied", tmp_path)
+    both); in a non-root group with the final norm, kept unsharded (works) or resharded (refused before the
+    forward: it crashed in backward). Before the fix, the resharded head kept each rank's unaveraged gradient
+    (off by ~3e-2)."""
+    res = launch("fsdp2_head,fsdp2_head_keep,fsdp2_head_tied,fsdp2_lm_keep,fsdp2_lm", tmp_path)
+    refused = res.pop("fsdp2_lm")["model_loss"]  # a resharded non-root group of head and final norm
+    assert refused["ok"] and "Give the LM head its own fully_shard group" in refused["refusal"], refused
     for mode, r in res.items():
         r = r["model_loss"]
         check_equal_to_single_process(r, num_params=20 if mode.endswith("tied") else 21)
