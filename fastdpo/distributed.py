@@ -1,12 +1,14 @@
-"""The engines around a Hugging Face causal LM, as the model path meets them: wrappers to see through, the
-vocabulary-parallel LM head (`shard_lm_head`), and the LM head's parameters when FSDP2 shards them.
+"""The engines around a Hugging Face causal LM, as the model path meets them: wrappers to see through
+(`unwrap_causal_lm`), the vocabulary-parallel LM head of a causal LM (`shard_lm_head`; the op itself,
+fastdpo/parallel.py, knows no models), and the LM head's parameters as the loss reads them after the
+model's forward (`HeadParameters`: FSDP2 shards, DeepSpeed ZeRO-3 partitions).
 
-The model path reads the head's weight after the model's forward. Under FSDP2 the head's group may have
-resharded it by then (the head in its own `fully_shard` group, or in any non-root group, with
-reshard_after_forward=True): the weight is a `DTensor` shard and `head_parameter` all-gathers it. Its
-backward reduce-scatters the full gradient and averages it over the data-parallel ranks, which is what
-FSDP2's own reduce-scatter would have done (DTensor's `full_tensor()` backward keeps only the local rows of
-this rank's gradient: each rank would keep its own, unaveraged head gradient).
+Under FSDP2 the head's group may have resharded the head by the time the loss reads it (the head in its own
+`fully_shard` group with reshard_after_forward=True): the weight is a `DTensor` shard, all-gathered here by
+an autograd function whose backward reduce-scatters the full gradient and averages it over the
+data-parallel ranks, which is what FSDP2's own reduce-scatter would have done (DTensor's `full_tensor()`
+backward keeps only the local rows of this rank's gradient: each rank would keep its own, unaveraged head
+gradient). Under ZeRO-3 the weight is taken inside the head's forward (see HeadParameters).
 """
 import torch
 
@@ -70,7 +72,7 @@ def shard_lm_head(model, mesh):
     head; the model's own forward still returns full logits (gathered). The rest of the model is untouched
     (replicated: every rank must run it on the same batch). Tied input/output embeddings are refused, and
     so is a model that FSDP2 already shards (shard the head first, on the vocabulary dimension of a 2-D
-    mesh). Returns `model`.
+    mesh; torch's `fully_shard` itself fails on a head sharded on the same 1-D mesh). Returns `model`.
     """
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
