@@ -10,6 +10,8 @@ data-parallel ranks, which is what FSDP2's own reduce-scatter would have done (D
 backward keeps only the local rows of this rank's gradient: each rank would keep its own, unaveraged head
 gradient). Under ZeRO-3 the weight is taken inside the head's forward (see HeadParameters).
 """
+import sys
+
 import torch
 
 from .parallel import is_vocab_sharded
@@ -44,11 +46,10 @@ def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _fsdp2_module_type():
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch built without distributed
-        return None
-    return FSDPModule
+    """torch's FSDPModule, or None while torch.distributed.fsdp is not imported (then no module is one: that
+    import is never forced here)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return getattr(fsdp, "FSDPModule", None)
 
 
 def _fsdp2_groups_around(model: torch.nn.Module, module: torch.nn.Module) -> list[torch.nn.Module]:
