@@ -20,9 +20,9 @@ from typing import Any, NamedTuple
 import torch
 
 from .attention import bool_mask, eager_mask, flash_attn_varlen_kwargs, flex_block_mask
+from .distributed import HeadParameters, inner_module, is_vocab_parallel_head, parameter_rows, unwrap_causal_lm
 from .logps import SequenceLogps, sequence_logps
 from .packing import PackedBatch
-from .distributed import HeadParameters, inner_module, is_vocab_parallel_head, parameter_rows, unwrap_causal_lm
 
 __all__ = ["model_loss", "model_sequence_logps", "forward_hidden", "HeadInputs", "attention_inputs",
            "logit_transforms", "unwrap_causal_lm"]
@@ -142,6 +142,8 @@ def forward_hidden(model: torch.nn.Module, batch: PackedBatch) -> HeadInputs:
 
     A forward pre-hook on the head module(s) records the last hidden states (final norm applied), the
     module that ran and the autocast dtype in force, and passes an empty slice on (one position for a vocabulary-parallel head).
+    The head's weight and bias are read by fastdpo.distributed.HeadParameters (FSDP2 shards gathered, DeepSpeed
+    ZeRO-3 partitions taken inside the head's forward).
     """
     lm = unwrap_causal_lm(model)
     leaves = _head_leaves(lm)
