@@ -17,7 +17,8 @@ rank order, so the result is bitwise identical on every rank:
     lse = m + log S
 
 (the contract's cancellation-free row_logp: no `z_t - lse` difference of two large numbers). Backward is
-local: each rank forms U = (onehot(t) - softmax(z)) dz/dx on its shard with the global lse, gets its shard's
+local: each rank forms U = (onehot(t) - softmax(z)) dz/dx on its shard with the global softmax stats (max,
+log-sum-exp past it; stored mode: from its forward's exp(z - m_r), scaled once the merge is known), gets its shard's
 weight gradient U^T (g H) with no communication, and its share g (U W_r) of the hidden gradient, which is
 summed over ranks deterministically: a reduce-scatter written as all_to_all (rank r receives block r of the
 rows from every rank and adds them in rank order) followed by an all_gather of the summed blocks. No float
@@ -29,8 +30,9 @@ gradient, the all_to_all and the all_gather each move 4 M D (W - 1) / W bytes in
 (fp32). Never O(M V).
 
 Head modes (fastdpo.head.make_head decides, on the local shard [V_r, D]): "stored" keeps U [M, V_r] (input
-dtype) from the forward, 4 V_r D FLOPs of backward per token; "recompute" keeps only lse and recomputes the
-logits chunk in backward (6 V_r D); "auto" picks stored when M x V_r x itemsize fits `head_memory_budget`.
+dtype) from the forward's one GEMM, 4 V_r D FLOPs of backward per token (6 in all); "recompute" keeps only the
+two softmax stats per row and recomputes the logits chunk in backward (6 V_r D); "auto" picks stored when
+M x V_r x itemsize fits `head_memory_budget`. Logits are fp32 GEMM outputs for 16-bit inputs, as in fastdpo.head.
 "fused" (the Triton kernels' registers-only head) is refused: those kernels return a per-row lse, not the
 per-shard max and sum-exp that a cancellation-free merge needs (row_logp from lse_r - lse would lose ~1e-3
 absolute at logits around 1e4 in fp32).
@@ -40,7 +42,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from .head import FusedHead, make_head
+from .head import FusedHead, Products, make_head
 from .ops import resolve_backend
 from .torch_ops import Transform, math_dtype, matmul_precision
 from .validate import require
@@ -99,9 +101,11 @@ class _Shard:
         self.math_dtype, self.chunk_rows = math_dtype(weight), chunk_rows
 
     def logits(self, h):
-        """h [C, D] (input dtype) -> z [C, V_r] in the math dtype."""
-        x = h @ self.weight.t() if self.bias is None else torch.addmm(self.bias, h, self.weight.t())
-        return self.transform.apply_(x.to(self.math_dtype))
+        """h [C, D] (input dtype) -> z [C, V_r] in the math dtype (fp32 GEMM output for 16-bit inputs, as the
+        single-device head: the row math never sees logits rounded to bf16)."""
+        x = torch.empty(h.shape[0], self.weight.shape[0], device=h.device, dtype=self.math_dtype)
+        Products(self.weight).logits(h, self.weight, x)
+        return self.transform.apply_(x if self.bias is None else x.add_(self.bias))
 
     def local_targets(self, targets):
         """(rows whose target lies in this shard, the target's column in the shard)."""
