@@ -12,13 +12,13 @@ that layout into attention:
       padding            each token -> itself
 
   Its cost is the sum over segments, not ``rows x T^2``.
-* :func:`packed_attention_forward` (registered with transformers' ``AttentionInterface`` under
-  :data:`PACKED_IMPLEMENTATIONS`, with a mask function in ``AttentionMaskInterface`` that builds no mask):
-  the attention of one layer from the plan, in the kernel family of the model's own implementation: flash ->
-  one varlen call (flash-attn's ``flash_attn_varlen_func``, else ``torch.nn.attention.varlen.varlen_attn``,
-  on CUDA), sdpa -> SDPA per segment, batched by segment length, flex_attention -> FlexAttention over the
-  gathered keys with a block mask built from the plan's segment ranges. ``fastdpo.model`` switches a model to
-  these for the packed forward.
+* :func:`packed_attention_forward`, registered with transformers' ``AttentionInterface`` as ``"fastdpo|X"``
+  for the model's implementation X (with X's mask function in ``AttentionMaskInterface``): given the plan, the
+  attention of one layer in X's kernel family: flash -> one varlen call (flash-attn's
+  ``flash_attn_varlen_func``, else ``torch.nn.attention.varlen.varlen_attn``, on CUDA; per-segment SDPA
+  elsewhere), sdpa -> SDPA per segment, batched by segment length, flex_attention -> FlexAttention over the
+  gathered keys with a block mask built from the plan's segment ranges. Without a plan it is X itself.
+  ``fastdpo.model`` switches a model to it on its first packed forward.
 * :func:`bool_mask` / :func:`eager_mask`: the dense ``[R, 1, T, T]`` masks, for eager attention (the
   reference) only. Eager attention *adds* the mask to the scores, so it gets the additive float mask.
 
@@ -29,6 +29,7 @@ themselves: no fully masked query rows, hence no NaNs.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import lru_cache, partial
 from typing import Callable
 
 import numpy as np
@@ -38,8 +39,9 @@ import torch.nn.functional as F
 from .packing import BRANCH_CHOSEN, BRANCH_CONTEXT, BRANCH_REJECTED, PackedBatch
 
 __all__ = ["bool_mask", "eager_mask", "make_mask_mod", "flex_attention_available", "SegmentPlan", "segment_plan",
-           "flash_attn_varlen_kwargs", "packed_attention_forward", "PACKED_IMPLEMENTATIONS", "packed_implementation",
-           "register_packed_attention", "attention_work"]
+           "flash_attn_varlen_kwargs", "packed_attention_forward", "packed_implementation", "mask_placeholder",
+           "register_packed_attention", "attention_work", "segment_sdpa", "segment_varlen", "segment_flex",
+           "varlen_kernel"]
 
 
 def make_mask_mod(batch_or_segment_ids, branch_ids: torch.Tensor | None = None, *,
@@ -318,7 +320,8 @@ def _attend(q, k, v, *, scale, window, softcap, dropout) -> torch.Tensor:
     scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
     scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~_causal_window_mask(q_len, k_len, window, q.device), float("-inf"))
-    probs = F.dropout(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), p=dropout)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+    probs = F.dropout(probs, p=dropout)
     return torch.matmul(probs, v)
 
 
@@ -407,6 +410,13 @@ def _flex_block_mask(plan: SegmentPlan, window: int | None, device, block_size: 
                                     BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(n_q, n_k))
 
 
+@lru_cache(maxsize=1)
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
 def segment_flex(q, k, v, plan: SegmentPlan, *, scale=None, window=None, softcap=None, dropout=0.0) -> torch.Tensor:
     """FlexAttention over the gathered keys with a block mask from the plan (softcap as a score_mod)."""
     from torch.nn.attention.flex_attention import flex_attention
@@ -416,6 +426,8 @@ def segment_flex(q, k, v, plan: SegmentPlan, *, scale=None, window=None, softcap
     if plan.kv_index is not None:
         k, v = k.index_select(0, plan.kv_index), v.index_select(0, plan.kv_index)
     score_mod = None if softcap is None else (lambda s, b, h, q_idx, kv_idx: softcap * torch.tanh(s / softcap))
+    if q.device.type != "cpu":  # uncompiled, flex_attention materialises every score (CPU: forward only)
+        flex_attention = _compiled_flex_attention()
     out = flex_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                          score_mod=score_mod, block_mask=_flex_block_mask(plan, window, q.device), scale=scale,
                          enable_gqa=q.shape[1] != k.shape[1])
@@ -426,65 +438,79 @@ def segment_flex(q, k, v, plan: SegmentPlan, *, scale=None, window=None, softcap
 # transformers wiring
 # --------------------------------------------------------------------------------------------------
 
-_FAMILIES = {"fastdpo_sdpa": segment_sdpa, "fastdpo_varlen": segment_varlen, "fastdpo_flex": segment_flex}
-PACKED_IMPLEMENTATIONS = tuple(_FAMILIES)  # names registered with transformers' AttentionInterface
+_FAMILIES = {"sdpa": segment_sdpa, "varlen": segment_varlen, "flex": segment_flex}
+PACKED_PREFIX = "fastdpo|"  # packed attention of implementation X is registered as "fastdpo|X"
 
 
-def packed_implementation(attn_implementation: str) -> str:
-    """The registered packed attention of the model's kernel family: sdpa -> "fastdpo_sdpa", flash-attention
-    (flash_attention_2/3/4, hub flash kernels) -> "fastdpo_varlen", flex_attention -> "fastdpo_flex". Other
-    implementations raise ValueError naming them (eager takes the dense mask instead)."""
-    if attn_implementation in _FAMILIES:
-        return attn_implementation
+def _family(attn_implementation: str) -> str:
+    """Kernel family of a transformers attention implementation: sdpa, varlen (flash-attention:
+    flash_attention_2/3/4, hub flash kernels) or flex; ValueError naming any other (eager takes the dense mask)."""
     if attn_implementation == "sdpa":
-        return "fastdpo_sdpa"
+        return "sdpa"
     if attn_implementation == "flex_attention":
-        return "fastdpo_flex"
+        return "flex"
     if "flash" in attn_implementation and not attn_implementation.startswith("paged|"):
-        return "fastdpo_varlen"
+        return "varlen"
     raise ValueError(f"attn_implementation={attn_implementation!r} is not supported for packed batches; use "
                      "'sdpa', 'eager', 'flex_attention' or a flash-attention implementation")
 
 
-def packed_attention_forward(module, query, key, value, attention_mask, *, family: str, scaling=None, dropout=0.0,
-                             sliding_window=None, softcap=None, fastdpo_segments: SegmentPlan | None = None,
-                             **kwargs):
+def packed_implementation(attn_implementation: str) -> str:
+    """The name of the packed attention for a model's implementation ("sdpa" -> "fastdpo|sdpa"), registered with
+    transformers on first use; ValueError naming an implementation it cannot serve."""
+    if attn_implementation.startswith(PACKED_PREFIX):
+        return attn_implementation
+    _family(attn_implementation)
+    name = PACKED_PREFIX + attn_implementation
+    register_packed_attention(name)
+    return name
+
+
+def packed_attention_forward(module, query, key, value, attention_mask, *, family: str, unpacked: str,
+                             fastdpo_segments: SegmentPlan | None = None, **kwargs):
     """transformers attention function: query [R, Hq, T, D], key / value [R, Hkv, T, D] -> ([R, T, Hq, D], None).
 
-    Reads the plan from the ``fastdpo_segments`` keyword that ``fastdpo.model`` passes to the model call.
+    With the ``fastdpo_segments`` keyword (a SegmentPlan, passed by ``fastdpo.model`` to the model call, so it
+    also reaches recomputation under gradient checkpointing): attention over the plan in the kernel `family`;
+    the attention mask is only a placeholder. Without it (generation, evaluation): the model's own
+    implementation `unpacked`, unchanged.
     """
     plan = fastdpo_segments
-    if kwargs.get("s_aux") is not None:
-        raise ValueError(f"attention {family!r} does not support attention sinks (s_aux); use attn_implementation='eager'")
     if plan is None:
-        raise ValueError(f"attention {family!r} runs packed batches only: call the model through fastdpo.model "
-                         "(model_loss / forward_hidden), which passes the batch's segment plan")
-    if attention_mask is not None:
-        raise ValueError(f"attention {family!r} takes its segments from the plan; got an attention_mask as well")
+        from transformers import AttentionInterface
+
+        return AttentionInterface()[unpacked](module, query, key, value, attention_mask, **kwargs)
+    if kwargs.get("s_aux") is not None:
+        raise ValueError("packed attention does not support attention sinks (s_aux); use attn_implementation='eager'")
     R, Hq, T, D = query.shape
     if (R, T) != (plan.num_rows, plan.row_length):
         raise ValueError(f"attention inputs of {R} rows x {T} tokens do not match the segment plan's "
                          f"{plan.num_rows} x {plan.row_length}")
     flat = lambda x: x.transpose(1, 2).reshape(R * T, x.shape[1], x.shape[3])  # noqa: E731
-    out = _FAMILIES[family](flat(query), flat(key), flat(value), plan, scale=scaling, window=sliding_window,
-                            softcap=softcap, dropout=dropout)
+    out = _FAMILIES[family](flat(query), flat(key), flat(value), plan, scale=kwargs.get("scaling"),
+                            window=kwargs.get("sliding_window"), softcap=kwargs.get("softcap"),
+                            dropout=kwargs.get("dropout", 0.0))
     return out.view(R, T, Hq, value.shape[-1]), None
 
 
-def _no_dense_mask(*args, **kwargs):
-    """Mask function of the packed implementations: no mask, the attention reads the segment plan. (Without a
-    registered mask function transformers would also pass None, silently; this makes the choice explicit.)"""
-    return None
+def mask_placeholder(plan: SegmentPlan, device) -> torch.Tensor:
+    """[R, 1, T, T] bool of one stored element (stride 0): transformers passes a 4-D mask to the attention as
+    it is, so no mask is built; the packed attention reads the plan instead."""
+    return torch.ones((), dtype=torch.bool, device=device).expand(plan.num_rows, 1, plan.row_length, plan.row_length)
 
 
-def register_packed_attention() -> None:
-    """Register PACKED_IMPLEMENTATIONS with transformers' AttentionInterface and AttentionMaskInterface (idempotent)."""
-    from functools import partial
-
+def register_packed_attention(name: str) -> None:
+    """Register "fastdpo|X" with transformers' AttentionInterface (packed_attention_forward in X's family, X
+    itself without a plan) and, where X has one, X's mask function with AttentionMaskInterface, so that
+    unpacked calls get X's masks (without it transformers would pass no mask, silently)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    for name in _FAMILIES:
-        if name not in AttentionInterface._global_mapping:
-            AttentionInterface.register(name, partial(packed_attention_forward, family=name))
-            AttentionMaskInterface.register(name, _no_dense_mask)
+    if name in AttentionInterface._global_mapping:
+        return
+    unpacked = name[len(PACKED_PREFIX):]
+    if unpacked not in AttentionInterface():
+        raise ValueError(f"attn_implementation={unpacked!r} is not registered with transformers")
+    AttentionInterface.register(name, partial(packed_attention_forward, family=_family(unpacked), unpacked=unpacked))
+    if unpacked in AttentionMaskInterface._global_mapping:
+        AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[unpacked])

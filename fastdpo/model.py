@@ -19,13 +19,13 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .attention import eager_mask, packed_implementation, register_packed_attention, segment_plan
+from .attention import eager_mask, mask_placeholder, packed_implementation, segment_plan
 from .logps import SequenceLogps, sequence_logps
 from .packing import PackedBatch
 from .parallel import is_vocab_parallel_head
 
 __all__ = ["model_loss", "model_sequence_logps", "forward_hidden", "HeadInputs", "attention_inputs",
-           "packed_attention", "logit_transforms", "unwrap_causal_lm"]
+           "use_packed_attention", "logit_transforms", "unwrap_causal_lm"]
 
 
 def _inner_module(module: torch.nn.Module) -> torch.nn.Module | None:
@@ -94,9 +94,9 @@ def _attn_implementation(lm: torch.nn.Module) -> str:
 def attention_inputs(model: torch.nn.Module, batch: PackedBatch) -> dict[str, Any]:
     """Keyword arguments describing the packed attention for the model's attention implementation.
 
-    sdpa, flash-attention and flex_attention: {"attention_mask": None, "fastdpo_segments": the batch's
-    SegmentPlan}, for the packed attention of that kernel family (``fastdpo.attention``), which the model must
-    run under (:func:`packed_attention` switches it; ``forward_hidden`` does). No mask is built: attention costs
+    sdpa, flash-attention and flex_attention: {"attention_mask": a stride-0 placeholder, "fastdpo_segments":
+    the batch's SegmentPlan}, for the packed attention of that kernel family (``fastdpo.attention``), which the
+    model must use (:func:`use_packed_attention`; ``forward_hidden`` does). No mask is built: attention costs
     the sum over the batch's segments. eager: the dense additive ``[R, 1, T, T]`` mask (eager *adds* the mask
     to the scores), the reference; a custom 4-D mask bypasses transformers' sliding-window masks, so models with
     ``config.layer_types`` get a {layer_type: mask} mapping (Gemma 2/3, Qwen2, ...), models with a global
@@ -113,7 +113,8 @@ def attention_inputs(model: torch.nn.Module, batch: PackedBatch) -> dict[str, An
         raise ValueError(f"layer types {sorted(unknown)} are not supported for packed batches")
     if impl != "eager":
         packed_implementation(impl)  # raises for an implementation it cannot serve
-        return {"attention_mask": None, "fastdpo_segments": segment_plan(batch, emb.device)}
+        plan = segment_plan(batch, emb.device)
+        return {"attention_mask": mask_placeholder(plan, emb.device), "fastdpo_segments": plan}
     batch = batch.to(emb.device)
     dtype = emb.dtype if emb.dtype.is_floating_point else torch.float32
     window = getattr(cfg, "sliding_window", None)
@@ -128,22 +129,14 @@ def attention_inputs(model: torch.nn.Module, batch: PackedBatch) -> dict[str, An
     return {"attention_mask": eager_mask(batch, dtype, None if layer_types else window)}
 
 
-@contextlib.contextmanager
-def packed_attention(model: torch.nn.Module):
-    """The model's (text) attention switched to fastdpo's packed attention of its kernel family for the
-    duration (sdpa -> "fastdpo_sdpa", flash -> "fastdpo_varlen", flex_attention -> "fastdpo_flex"; eager stays)."""
+def use_packed_attention(model: torch.nn.Module) -> None:
+    """Switch the model's (text) attention to fastdpo's packed attention of its implementation X ("fastdpo|X":
+    ``fastdpo.attention``), for good: the switch must outlive the forward, since gradient checkpointing reruns
+    it during backward. Calls without a segment plan (generation, evaluation) still run X itself. eager stays."""
     lm = unwrap_causal_lm(model)
     impl = _attn_implementation(lm)
-    if impl == "eager":
-        yield
-        return
-    register_packed_attention()
-    cfg = _text_config(lm)
-    cfg._attn_implementation = packed_implementation(impl)
-    try:
-        yield
-    finally:
-        cfg._attn_implementation = impl
+    if impl != "eager":
+        _text_config(lm)._attn_implementation = packed_implementation(impl)
 
 
 def _check_ids(lm: torch.nn.Module, batch: PackedBatch, what: str) -> None:
@@ -211,8 +204,8 @@ def forward_hidden(model: torch.nn.Module, batch: PackedBatch) -> HeadInputs:
     try:
         attention = attention_inputs(lm, batch)
         batch = batch.to(lm.get_input_embeddings().weight.device)
-        with packed_attention(lm):
-            model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **attention)
+        use_packed_attention(lm)
+        model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **attention)
     finally:
         for handle in handles:
             handle.remove()
