@@ -41,6 +41,9 @@ def random_pairs(B, seed, p=(2, 9), r=(1, 7)):
 
 PAIRS = random_pairs(4, seed=0)
 PAIRS[0][0][:], PAIRS[1][1][:] = [7], [5]  # a 1-token prompt and a 1-token response
+PAIRS[0][3][:] = PAIRS[0][2]  # pairs 2 and 3 share a prompt (grouped with group_prompts=True)
+LAYOUTS = {"shared": dict(shared_prompt=True), "separate": dict(shared_prompt=False),
+           "grouped": dict(shared_prompt=True, group_prompts=True)}
 WEIGHTS = torch.randn(8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)  # d(sum w * logps)
 
 
@@ -148,12 +151,13 @@ def varlen_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["shared", "separate"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
-def test_packed_equals_each_sequence_alone_f64(references, varlen_calls, arch, impl, shared):
+def test_packed_equals_each_sequence_alone_f64(references, varlen_calls, arch, impl, layout):
     model, (want, want_grads) = references(arch)
-    batch = pack_pairs(*PAIRS, max_tokens=64, shared_prompt=shared, pad_to_multiple_of=8)
+    batch = pack_pairs(*PAIRS, max_tokens=64, pad_to_multiple_of=64, **LAYOUTS[layout])
+    assert (batch.report.prompt_tokens_saved > 0) == (layout == "grouped")
     assert batch.report.num_rows == 1 and batch.report.padding_tokens > 0  # several pairs per row, padding
     with implementation(model, impl):
         if impl == "flex_attention":  # FlexAttention has no backward on CPU: log-probs only
@@ -241,12 +245,14 @@ def test_unpacked_calls_run_the_models_own_implementation():
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("window", [None, 3])
-def test_plan_allows_exactly_the_mask_rule(shared, window):
+def test_plan_allows_exactly_the_mask_rule(layout, window):
     """Each query's gathered keys [first, last] (within the window) are the keys the dense mask allows."""
     P, C, R = random_pairs(9, seed=3, p=(1, 9), r=(1, 7))
-    batch = pack_pairs(P, C, R, max_tokens=40, shared_prompt=shared, pad_to_multiple_of=16)
+    P[4], P[7] = P[2], P[2]  # a group of three pairs with one prompt
+    batch = pack_pairs(P, C, R, max_tokens=40, pad_to_multiple_of=16, **LAYOUTS[layout])
+    shared = layout != "separate"
     plan = segment_plan(batch)
     kv = plan.kv_index if plan.kv_index is not None else torch.arange(batch.input_ids.numel())
     first = plan.first_key if window is None else torch.maximum(plan.first_key, plan.last_key - window + 1)
@@ -261,6 +267,21 @@ def test_plan_allows_exactly_the_mask_rule(shared, window):
         assert plan.kv_index is None  # every sequence attends to itself: nothing to gather
     varlen = flash_attn_varlen_kwargs(batch)
     assert torch.equal(varlen["cu_seqlens_k"], plan.cu_seqlens_k) and varlen["max_seqlen_k"] == plan.max_seqlen_k
+
+
+def test_grouped_prompts_layout():
+    """[prompt[:-1]] [p c1] [p r1] [p c2] [p r2]: the prompt context once per group, positions continuing it."""
+    batch = pack_pairs([[1, 2, 3], [1, 2, 3], [4]], [[5, 6], [7], [8]], [[9], [10, 11], [12]], group_prompts=True)
+    assert batch.report.num_rows == 1 and batch.report.padding_tokens == 0  # max_tokens=None: one row
+    assert batch.report.prompt_tokens_saved == 2 and "2 prompt tokens saved" in str(batch.report)
+    assert batch.input_ids[0].tolist() == [1, 2, 3, 5, 6, 3, 9, 3, 7, 3, 10, 11, 4, 8, 4, 12]
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4, 2, 3, 2, 3, 2, 3, 4, 0, 1, 0, 1]
+    assert batch.seq_ids[0].tolist() == [-1, -1, -1, 0, 0, -1, 3, -1, 1, -1, 4, 4, -1, 2, -1, 5]
+    assert batch.branch_ids[0].tolist() == [0, 0, 1, 1, 1, 2, 2, 3, 3, 4, 4, 4, 1, 1, 2, 2]
+    with pytest.raises(ValueError, match="group_prompts=True needs shared_prompt=True"):
+        pack_pairs([[1]], [[2]], [[3]], shared_prompt=False, group_prompts=True)
+    with pytest.raises(ValueError, match="prompt group 0 need 12 tokens > max_tokens=8"):
+        pack_pairs([[1, 2, 3]] * 2, [[5, 6]] * 2, [[9]] * 2, max_tokens=8, group_prompts=True)
 
 
 def test_plan_is_built_once_per_batch_and_device():
