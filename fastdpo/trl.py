@@ -35,7 +35,7 @@ from trl.trainer.utils import use_adapter
 import fastdpo
 from .losses import check_loss_config
 from .model import HeadInputs, forward_hidden, model_sequence_logps
-from .packing import PackedBatch, pack_pairs, pair_length
+from .packing import PackedBatch, pack_pairs
 
 __all__ = ["DPOConfig", "DPOTrainer", "DataCollatorForPackedPreference", "loss_groups"]
 
@@ -50,8 +50,9 @@ class DPOConfig(trl.DPOConfig):
                           "False: [prompt][chosen] and [prompt][rejected] side by side. Both are padding-free."})
     max_tokens_per_row: int | None = field(
         default=None,
-        metadata={"help": "Token budget of a packed row. None: the batch's longest pair, so that dense attention "
-                          "masks cost no more than the padded layout (attention is quadratic in the row)."})
+        metadata={"help": "Token budget of a packed row. None: one row per batch, no padding at all (attention "
+                          "costs the sum over the pairs' segments, not the square of the row; only eager attention, "
+                          "the dense reference, pays rows x row_length^2: set a budget there)."})
     token_metrics: bool = field(
         default=True,
         metadata={"help": "Log TRL's `entropy` and `mean_token_accuracy` (one extra no-grad pass over the LM head "
@@ -117,8 +118,7 @@ class DataCollatorForPackedPreference:
             prompts.append(prompt)
             chosen.append(list(example["chosen_ids"])[:keep])
             rejected.append(list(example["rejected_ids"])[:keep])
-        lengths = [pair_length(len(p), len(c), len(r), self.shared_prompt) for p, c, r in zip(prompts, chosen, rejected)]
-        batch = pack_pairs(prompts, chosen, rejected, max_tokens=max(4, self.max_tokens_per_row or max(lengths)),
+        batch = pack_pairs(prompts, chosen, rejected, max_tokens=self.max_tokens_per_row,
                            shared_prompt=self.shared_prompt, pad_token_id=self.pad_token_id,
                            pad_to_multiple_of=self.pad_to_multiple_of)
         num_tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected))

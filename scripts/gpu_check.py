@@ -13,6 +13,8 @@ Writes OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md, both rewritten as soon a
   head_step     one DPO head step (policy fwd + bwd, reference fwd) per head mode beside Liger-Kernel, TRL's
                 chunked log-prob, torch's chunked cross-entropy and Cut Cross-Entropy (missing: "not installed")
   host_syncs    synchronising CUDA calls per step (torch.cuda.set_sync_debug_mode), per mode and fastdpo.loss
+  packed_attention  the packed-batch attention (CUDA: one varlen call) against SDPA with a dense [T, T] mask:
+                errors of output and q/k/v gradients, fwd + bwd times, plain / sliding window / softcap
 --smoke numbers are CPU/interpreter numbers, labelled so: never GPU figures. Exit status 1 if a correctness or
 determinism check fails or a section raises.
 """
@@ -372,6 +374,71 @@ def host_syncs(cfg):
     return rows
 
 
+def packed_attention(cfg):
+    """fastdpo.attention's packed path (CUDA: one varlen call per layer; CPU: per-segment SDPA) against SDPA with
+    the dense [R, 1, T, T] mask on the same shared-layout batch (8 pairs, UltraFeedback-like lengths; GQA), plain,
+    with a sliding window and with a softcap (flash-attn only): outputs and q/k/v gradients, and fwd + bwd times."""
+    import torch
+    import torch.nn.functional as F
+    from fastdpo.attention import attention_work, bool_mask, segment_plan, segment_varlen, varlen_kernel
+    from fastdpo.packing import pack_pairs
+
+    device, smoke = cfg["device"], cfg["device"] == "cpu"
+    prompt, response, heads, kv_heads, head_dim = (12, 20, 4, 2, 16) if smoke else (168, 400, 32, 8, 128)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    lengths = lambda n: [int(v) for v in torch.randint(n // 2, 3 * n // 2, (8,), generator=g)]  # noqa: E731
+    batch = pack_pairs([[1] * n for n in lengths(prompt)], [[2] * n for n in lengths(response)],
+                       [[3] * n for n in lengths(response)], shared_prompt=True)
+    plan = segment_plan(batch, device)
+    R, T = batch.input_ids.shape
+    q, k, v = (torch.randn(R * T, h, head_dim, generator=g).to(device, dtype).requires_grad_()
+               for h in (heads, kv_heads, kv_heads))
+    upstream = torch.randn(R * T, heads, head_dim, generator=g).to(device, dtype)
+    kernel = varlen_kernel(torch.device(device))
+    name = "per-segment SDPA" if kernel is None else kernel.__name__.strip("_").replace("_kernel", "")
+    rows = []
+    for window, softcap in ((None, None), (256 if not smoke else 8, None), (None, 30.0)):
+        if softcap is not None and (kernel is None or "torch" in name):
+            rows.append({"path": name, "window": window, "softcap": softcap, "ok": None,
+                         "note": "softcap needs flash-attn's flash_attn_varlen_func (not installed)"})
+            continue
+
+        def dense():  # [R, 1, T, T] mask; softcap case in float32 math (SDPA has no score transform)
+            mask = bool_mask(batch.to(device), window)
+            qd, kd, vd = (x.view(R, T, -1, head_dim).transpose(1, 2) for x in (q, k, v))
+            kd, vd = (x.repeat_interleave(heads // kv_heads, dim=1) for x in (kd, vd))
+            if softcap is None:
+                out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask)
+            else:
+                s = (qd.float() @ kd.float().transpose(-1, -2)) * head_dim ** -0.5
+                s = (softcap * torch.tanh(s / softcap)).masked_fill(~mask, float("-inf"))
+                out = (s.softmax(-1) @ vd.float()).to(dtype)
+            return out.transpose(1, 2).reshape(R * T, heads, head_dim)
+
+        def packed():
+            return segment_varlen(q, k, v, plan, window=window, softcap=softcap)
+
+        results = {}
+        for label, fn in (("dense", dense), ("packed", packed)):
+            for x in (q, k, v):
+                x.grad = None
+            out = fn()
+            out.backward(upstream)
+            results[label] = [out.detach().float()] + [x.grad.float() for x in (q, k, v)]
+        errors = [float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+                  for a, b in zip(results["packed"], results["dense"])]
+        step = lambda fn: lambda: fn().backward(upstream)  # noqa: E731
+        dense_ms = time_ms(step(dense), device, cfg["repeats"])
+        packed_ms = time_ms(step(packed), device, cfg["repeats"])
+        work = attention_work(plan, window)
+        rows.append({"path": name, "window": window, "softcap": softcap, "rows x T": f"{R} x {T}",
+                     "rel_err out/dq/dk/dv": "/".join(f"{e:.1e}" for e in errors),
+                     "ok": max(errors) < (1e-5 if smoke else 2e-2), "dense_ms": dense_ms, "packed_ms": packed_ms,
+                     "speedup": dense_ms / packed_ms, "entries dense/segments": work["dense_mask"] / work["segments"]})
+    return rows
+
+
 def main(argv=None):
     args = parse_args(argv)
     setup(args.smoke)
@@ -382,7 +449,8 @@ def main(argv=None):
     report = Report(args.out_dir, args.smoke)
     report.run("environment", environment, cfg, args.smoke)
     for name, fn in (("ceilings", ceilings), ("correctness", correctness), ("determinism", determinism),
-                     ("kernels", kernels), ("head_step", head_step), ("host_syncs", host_syncs)):
+                     ("kernels", kernels), ("head_step", head_step), ("host_syncs", host_syncs),
+                     ("packed_attention", packed_attention)):
         report.run(name, fn, cfg)
     print(f"[gpu_check] wrote {args.out_dir}/gpu_check.json and .md; failures: {report.failed or 'none'}")
     return 1 if report.failed else 0

@@ -5,7 +5,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ["environment", "ceilings", "correctness", "determinism", "kernels", "head_step", "host_syncs"]
+SECTIONS = ["environment", "ceilings", "correctness", "determinism", "kernels", "head_step", "host_syncs",
+            "packed_attention"]
 
 
 def test_gpu_check_smoke_writes_every_section_and_passes(tmp_path):
@@ -25,5 +26,7 @@ def test_gpu_check_smoke_writes_every_section_and_passes(tmp_path):
     steps = {row["implementation"]: row for row in sections["head_step"]["rows"]}
     for mode in ("auto", "stored", "recompute", "fused"):
         assert steps[f"fastdpo head_mode={mode}"]["loss_rel_err_vs_float64"] < 1e-2
+    attention = sections["packed_attention"]["rows"]
+    assert [row["ok"] for row in attention] == [True, True, None]  # CPU: no varlen kernel, no softcap row
     markdown = (tmp_path / "gpu_check.md").read_text()
     assert "These are not GPU numbers" in markdown and all(f"## {name}" in markdown for name in SECTIONS)
