@@ -46,7 +46,8 @@ __all__ = ["bool_mask", "eager_mask", "make_mask_mod", "flex_attention_available
 
 def make_mask_mod(batch_or_segment_ids, branch_ids: torch.Tensor | None = None, *,
                   sliding_window: int | None = None, position_ids: torch.Tensor | None = None) -> Callable:
-    """FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool`` for a packed batch (or its segment/branch ids).
+    """The visibility rule as a FlexAttention-style ``mask_mod(b, h, q_idx, kv_idx) -> bool`` over rows of a packed
+    batch (or its segment/branch ids): the definition the dense masks evaluate and the segment plan must match.
 
     With ``sliding_window`` w, kv must also satisfy pos[q] - pos[kv] < w. Works element-wise on index
     tensors, so it can also be evaluated with broadcasting on CPU.
@@ -82,7 +83,8 @@ def _mask_from_ids(batch: PackedBatch, sliding_window: int | None = None) -> tor
 
 
 def bool_mask(batch: PackedBatch, sliding_window: int | None = None) -> torch.Tensor:
-    """[R, 1, T, T] boolean mask, True = attend, on the batch's device.
+    """[R, 1, T, T] boolean mask, True = attend, on the batch's device: the dense reference (eager attention,
+    tests); the packed attentions never build it.
 
     With ``sliding_window`` w, a token only sees keys whose position is within w - 1 of its own
     (transformers' rule kv > q - w, applied to position ids so it matches unpacked runs).
