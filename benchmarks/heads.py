@@ -111,13 +111,13 @@ class HeadInputs:
 def make_inputs(cfg: HeadConfig, dtype, device, seed: int = 0) -> HeadInputs:
     """Deterministic random inputs (same values for every implementation, generated in fp32 on the CPU
     then cast, so the float64 reference sees exactly the benchmarked values)."""
-    g = torch.Generator().manual_seed(seed)
+    g, cpu = torch.Generator("cpu").manual_seed(seed), torch.device("cpu")
     S, T, D, V = cfg.sequences, cfg.seq_len, cfg.hidden, cfg.vocab
-    weight = torch.randn(V, D, generator=g) * (1.28 / D ** 0.5)  # logits ~ N(0, 1.28^2) at any D
-    ref_weight = weight + 0.5 * weight.std() * torch.randn(V, D, generator=g)
-    hidden = torch.randn(S, T, D, generator=g)
-    ref_hidden = hidden + 0.1 * torch.randn(S, T, D, generator=g)
-    labels = torch.randint(0, V, (S, T), generator=g)
+    weight = torch.randn(V, D, generator=g, device=cpu) * (1.28 / D ** 0.5)  # logits ~ N(0, 1.28^2) at any D
+    ref_weight = weight + 0.5 * weight.std() * torch.randn(V, D, generator=g, device=cpu)
+    hidden = torch.randn(S, T, D, generator=g, device=cpu)
+    ref_hidden = hidden + 0.1 * torch.randn(S, T, D, generator=g, device=cpu)
+    labels = torch.randint(0, V, (S, T), generator=g, device=cpu)
     labels[:, : cfg.prompt_len] = IGNORE_INDEX
 
     def put(x, grad=False):
@@ -276,7 +276,7 @@ def reference_losses(inp: HeadInputs) -> dict:
                             for h_row, t_row, m_row in zip(hidden, tgt, mask)])
 
     def segment_sum_fp32(tok):  # fastdpo's per-sequence sum (ops -> segment_sum) of fp32 per-token values
-        seq_index = torch.where(mask, torch.arange(tok.shape[0]).unsqueeze(1), -1).reshape(-1)
+        seq_index = torch.where(mask, torch.arange(tok.shape[0], device=tok.device).unsqueeze(1), -1).reshape(-1)
         return torch_ops.segment_sum(tok.float().reshape(1, -1), seq_index, tok.shape[0])[0]
 
     with torch.no_grad():

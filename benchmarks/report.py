@@ -242,16 +242,19 @@ def roofline_tables(proj) -> str:
 
 def anchor_table(anchor) -> str:
     a, gpu = anchor["anchor"], anchor["gpu"]
-    rows = [[r["algorithm"], f"{r['vd_per_token']:.0f}", f"{r['gb']:.1f}", f"{r['compute_ms']:.1f}",
-             f"{r['memory_ms']:.1f}", f"{r['floor_ms']:.1f}", f"{r['at_anchor_efficiency_ms']:.1f}"]
-            for r in anchor["modes"]]
-    head = (f"Policy LM head forward + backward (no reference), {a['tokens']} tokens, D = {a['hidden']}, "
-            f"V = {a['vocab']}, bf16, {gpu['name']} ({gpu['bw'] / 1e12:.1f} TB/s, {gpu['flops'] / 1e12:.0f} TFLOP/s "
-            f"dense bf16). Anchor, published (Liger-Kernel PR #1356, shared/peers-cpu.md): QuACK {a['quack_ms']} ms "
-            f"= {100 * anchor['quack_efficiency']:.0f}% of peak on its 6VD; the three cuBLAS GEMMs alone "
-            f"~{a['cublas_3_gemms_ms']} ms. The last column assumes each mode's FLOPs run at QuACK's efficiency.")
-    return head + "\n\n" + md_table(["fastdpo head mode", "FLOPs per token (x V·D)", "GB (compulsory)",
-                                      "compute ms", "memory ms", "floor ms", "ms at the anchor's efficiency"], rows)
+    rows = [[r["algorithm"], r["variant"], f"{r['vd_per_token']:.0f}", f"{r['gb']:.1f}", f"{r['floor_ms']:.1f}",
+             f"{r['cublas_gemm_ms']:.1f}", f"{r['other_gb']:.1f}",
+             f"{r['projected_ms'][0]:.1f}-{r['projected_ms'][1]:.1f}"] for r in anchor["modes"]]
+    head = (f"Projection, not measured. Policy LM head forward + backward (no reference), {a['tokens']} tokens, "
+            f"D = {a['hidden']}, V = {a['vocab']}, bf16, {gpu['name']} ({gpu['bw'] / 1e12:.1f} TB/s datasheet, "
+            f"{gpu['copy_bw'] / 1e12:.1f} measured copy; {gpu['flops'] / 1e12:.0f} TFLOP/s bf16 measured). Each mode "
+            f"at cuBLAS's rate at these shapes: the source of the anchor (Liger-Kernel PR #1356) timed the three "
+            f"cuBLAS GEMMs alone at {a['cublas_3_gemms_ms']} ms ({anchor['cublas_tflops']:.0f} TFLOP/s), plus the "
+            f"other passes' bytes at HBM bandwidth. Anchor: QuACK {a['quack_ms']} ms ({anchor['quack_tflops']:.0f} "
+            f"TFLOP/s on 6VD). today: the code at issue 17's start; fixed: fp32 logits, no grad_weight round trip.")
+    return head + "\n\n" + md_table(["fastdpo head mode", "variant", "FLOPs per token (x V·D)", "GB (compulsory)",
+                                      "floor ms", "GEMMs at cuBLAS's rate, ms", "other passes GB",
+                                      "projected ms (4.8-4.3 TB/s)"], rows)
 
 
 def measured_roofline_table(measured) -> str:

@@ -13,6 +13,9 @@ A step = policy LM head forward + backward and reference LM head forward, on `n_
 * Elementwise FLOPs (exp, max, ...) are not counted: at 2 bytes per logit they are far below the
   memory time on H100.
 
+* The H200 anchor (`anchor_projection`): each head mode's matrix FLOPs at cuBLAS's rate at that shape, as the
+  anchor's source measured it (three GEMMs in 18.9 ms), plus its other passes' bytes at HBM bandwidth.
+
 Everything here is a projection from the algorithms' structure, not a measurement.
 """
 from __future__ import annotations
@@ -161,25 +164,39 @@ def fastdpo_fused(s: Shape) -> list[Pass]:
     return fastdpo_fused_passes(s)
 
 
-def fastdpo_gemm_core(s: Shape, store: bool, chunks: int = 1, with_reference: bool = True) -> list[Pass]:
+def fastdpo_gemm_core(s: Shape, store: bool, chunks: int = 1, with_reference: bool = True,
+                      fixed: bool = False) -> list[Pass]:
     """fastdpo/head.py, head_mode "stored" (store=True) or "recompute": cuBLAS GEMMs on the scored rows in
     `chunks` chunks and the row kernels (kernels/sequence_logps.py) between them. Forward: Z = H W^T is written,
-    the row kernel reads it (stored: and overwrites it with U = d logp / dZ). Backward: recompute only without
-    store (GEMM + row_logps_backward in place), then grad_hidden = g (U W) and grad_weight = U^T (g H), the
-    latter accumulated in fp32 across chunks. Policy 6VD (stored) / 8VD (recompute); reference 2VD."""
+    the row kernel reads it (stored: and writes U = d logp / dZ in the input dtype). Backward: recompute only
+    without store (GEMM + row_logps_backward in place), then grad_hidden = g (U W) and grad_weight = U^T (g H),
+    the latter accumulated in fp32 across chunks. Policy 6VD (stored) / 8VD (recompute); reference 2VD.
+    fixed=False: the code of issue 17's start (Z in the input dtype; one chunk's grad_weight goes bf16 -> fp32 ->
+    bf16, 12 bytes per element); fixed=True: after its deliverables 1-2 (Z in fp32 out of the GEMM, read by the
+    row kernel; grad_weight written once in its final dtype)."""
     n, V, D, b = s.n_completion, s.vocab, s.hidden, s.elem
-    nv = n * V
-    out = [gemm("policy fwd", "Z = H W^T", n, V, D, s),
-           elementwise("policy fwd", "row_logps_forward" + (" + write U in place" if store else ""), nv, b,
-                       b if store else 0)]
+    nv, z_elem = n * V, FP32 if fixed else b
+
+    def logits(phase, what):  # the GEMM, and the fp32 output's extra bytes as their own pass
+        wider = [elementwise(phase, "  Z written in fp32 (extra bytes)", nv, 0, FP32 - b)] if fixed else []
+        return [gemm(phase, what, n, V, D, s)] + wider
+
+    out = logits("policy fwd", "Z = H W^T") + [
+        elementwise("policy fwd", "row_logps_forward" + (" + write U" if store else ""), nv, z_elem,
+                    b if store else 0)]
     if not store:
-        out += [gemm("policy bwd", "recompute Z = H W^T", n, V, D, s),
-                elementwise("policy bwd", "row_logps_backward in place", nv, b, b)]
+        out += logits("policy bwd", "recompute Z = H W^T") + [
+            elementwise("policy bwd", "row_logps_backward (U)", nv, z_elem, b)]
     out += [gemm("policy bwd", "grad_hidden = g (U W)", n, D, V, s),
-            Pass("policy bwd", "grad_weight += U^T (g H) (fp32)", 2.0 * nv * D,
-                 nv * b + n * D * b + chunks * 2 * V * D * FP32)]
+            gemm("policy bwd", "grad_weight = U^T (g H)", V, D, n, s)]
+    if chunks > 1:
+        out.append(elementwise("policy bwd", "grad_weight fp32 accumulation across chunks", chunks * V * D, FP32,
+                               FP32))
+    elif not fixed:
+        out.append(elementwise("policy bwd", "grad_weight bf16 -> fp32 -> bf16 (one chunk)", V * D, b + FP32,
+                               FP32 + b))
     if with_reference:
-        out += [gemm("ref fwd", "Z = H W^T", n, V, D, s), elementwise("ref fwd", "row_logps_forward", nv, b, 0)]
+        out += logits("ref fwd", "Z = H W^T") + [elementwise("ref fwd", "row_logps_forward", nv, z_elem, 0)]
     return out
 
 
@@ -369,30 +386,45 @@ def projection(vocab=LLAMA3_8B["vocab"], hidden=LLAMA3_8B["hidden"], elem=2, gpu
 
 
 # Published anchor (shared/peers-cpu.md; Liger-Kernel PR #1356): fused linear cross-entropy forward + backward,
-# H200, bf16, 4096 tokens, D = 4096, V = 128256: QuACK 16.78 ms (~78% of bf16 peak), three cuBLAS GEMMs ~18.9 ms.
-H200 = {"name": "H200", "bw": 4.8e12, "flops": 989e12}
+# H200, bf16, 4096 tokens, D = 4096, V = 128256: QuACK 16.78 ms; the same source timed the three cuBLAS GEMMs of
+# that step alone (Z = H W^T, dZ W, dZ^T H) at 18.9 ms: cuBLAS's rate at these shapes.
+# H200: 4.8 TB/s HBM (datasheet); bf16 matmul 790 TFLOP/s and copies 4.3 TB/s as measured on random data on the
+# device kind this project is lent (.library/device/KINDS.md, 8192^3 through PyTorch; datasheet 989 TFLOP/s).
+H200 = {"name": "H200", "bw": 4.8e12, "flops": 790e12, "copy_bw": 4.3e12}
 ANCHOR = dict(tokens=4096, vocab=128256, hidden=4096, quack_ms=16.78, cublas_3_gemms_ms=18.9)
-ANCHOR_MODES = {"fastdpo_stored": lambda s: fastdpo_gemm_core(s, store=True, with_reference=False),
-                "fastdpo_recompute": lambda s: fastdpo_gemm_core(s, store=False, with_reference=False),
-                "fastdpo_fused": lambda s: [p for p in fastdpo_fused_passes(s) if p.phase != "ref fwd"]}
+# (head mode, variant) -> policy forward + backward passes at the anchor (no reference)
+ANCHOR_MODES = {
+    ("fastdpo_stored", "today"): lambda s: fastdpo_gemm_core(s, store=True, with_reference=False),
+    ("fastdpo_stored", "fixed"): lambda s: fastdpo_gemm_core(s, store=True, with_reference=False, fixed=True),
+    ("fastdpo_recompute", "today"): lambda s: fastdpo_gemm_core(s, store=False, with_reference=False),
+    ("fastdpo_recompute", "fixed"): lambda s: fastdpo_gemm_core(s, store=False, with_reference=False, fixed=True),
+    ("fastdpo_fused", "Triton kernels at cuBLAS's rate: a lower bound"):
+        lambda s: [p for p in fastdpo_fused_passes(s) if p.phase != "ref fwd"],
+}
 
 
 def anchor_projection(gpu=H200) -> dict:
-    """Each fastdpo head mode at the anchor's shape (policy forward + backward only, every token scored): FLOPs,
-    compulsory bytes, roofline floor, and the time at the anchor's efficiency (QuACK's FLOPs at its measured
-    time). Projections, not measurements."""
+    """Each fastdpo head mode at the anchor's shape (policy forward + backward, every token scored), projected
+    from cuBLAS's measured rate at these shapes (not from QuACK's own GEMMs): matrix FLOPs at the rate of the
+    source's three cuBLAS GEMMs, plus the bytes of the other passes at HBM bandwidth (datasheet 4.8 TB/s to the
+    4.3 TB/s measured copy). `today`: the code at issue 17's start; `fixed`: after its deliverables 1-2. The
+    fused mode's Triton kernels at cuBLAS's rate are a lower bound. Projections, not measurements."""
     a = ANCHOR
     s = Shape(a["tokens"], a["tokens"], a["vocab"], a["hidden"], elem=2, pairs=1)
     vd_flops = a["tokens"] * a["vocab"] * a["hidden"]
-    quack_efficiency = 6 * vd_flops / (a["quack_ms"] / 1e3) / gpu["flops"]  # QuACK does the 3 GEMMs: 6VD
+    cublas_rate = 6 * vd_flops / (a["cublas_3_gemms_ms"] / 1e3)  # FLOP/s of the three GEMMs (6VD)
     rows = []
-    for key, fn in ANCHOR_MODES.items():
-        c = cost(fn(s))
-        rows.append({"algorithm": key, "vd_per_token": c.flops / vd_flops, "gb": c.bytes / 1e9,
-                     "compute_ms": c.flops / gpu["flops"] * 1e3, "memory_ms": c.bytes / gpu["bw"] * 1e3,
-                     "floor_ms": c.floor_s(gpu["bw"], gpu["flops"]) * 1e3,
-                     "at_anchor_efficiency_ms": c.flops / (gpu["flops"] * quack_efficiency) * 1e3})
-    return {"gpu": gpu, "anchor": a, "quack_efficiency": quack_efficiency, "modes": rows}
+    for (key, variant), fn in ANCHOR_MODES.items():
+        passes = fn(s)
+        c = cost(passes)
+        gemm_ms = c.flops / cublas_rate * 1e3
+        other = sum(p.bytes for p in passes if not p.flops)  # row kernels, fp32 traffic: outside the GEMMs
+        rows.append({"algorithm": key, "variant": variant, "vd_per_token": c.flops / vd_flops, "gb": c.bytes / 1e9,
+                     "floor_ms": c.floor_s(gpu["bw"], gpu["flops"]) * 1e3, "cublas_gemm_ms": gemm_ms,
+                     "other_gb": other / 1e9,
+                     "projected_ms": (gemm_ms + other / gpu["bw"] * 1e3, gemm_ms + other / gpu["copy_bw"] * 1e3)})
+    return {"gpu": gpu, "anchor": a, "cublas_tflops": cublas_rate / 1e12,
+            "quack_tflops": 6 * vd_flops / (a["quack_ms"] / 1e3) / 1e12, "modes": rows}
 
 
 def measured_against_roofline(algorithm: str, s: Shape, ms: float, gpu_name: str) -> dict:

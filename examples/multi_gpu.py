@@ -11,6 +11,7 @@ one AdamW step; rank 0 prints the loss averaged over ranks.
 """
 import argparse
 import copy
+import gc
 import os
 
 import torch
@@ -120,6 +121,11 @@ def main():
             total /= world
         if rank == 0:
             print(f"step {step:3d}  loss {total.item():.4f}", flush=True)
+    # DDP / FSDP2 state holds the process group: free it on every rank before the group goes, or a rank can
+    # hang or abort at exit
+    del model, optimizer, policy, reference
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -94,7 +94,8 @@ def loss(logits=None, labels=None, *, ref_logits=None, ref_logps=None, seq_ids=N
          bias=None, ref_hidden=None, ref_weight=None, ref_bias=None, beta=0.1, loss_type="sigmoid",
          loss_weights=None, label_smoothing=0.0, reference_free=False, ignore_index=-100, shift=True,
          num_sequences=None, logit_scale=1.0, softcap=None, temperature=1.0, backend="auto",
-         check_finite=True, head_mode="auto", head_memory_budget=None, fp32_precision="ieee", **loss_params):
+         check_finite=True, head_mode="auto", head_memory_budget=None, fp32_precision="ieee", token_weights=None,
+         **loss_params):
     """DPO-family loss for a batch of 2B sequences: B chosen, then B rejected (pair i = i and B + i).
 
     Policy: `logits` [R, T, V], or the fused LM-head form `hidden` [R, T, D] + `weight` [V, D] (+ `bias`).
@@ -105,7 +106,9 @@ def loss(logits=None, labels=None, *, ref_logits=None, ref_logps=None, seq_ids=N
     head_memory_budget, fp32_precision (fused form). `loss_type` (str or list, with `loss_weights`),
     `beta`, `label_smoothing` and `loss_params` (e.g. gamma for simpo) follow TRL's DPOTrainer. A pair
     whose chosen or rejected response has no scored token gets an EmptySequenceWarning naming it (that
-    response counts as log-prob 0).
+    response counts as log-prob 0). `token_weights` (shape of labels) weights each token's log-prob in its
+    sequence's sum, for the policy and a computed reference alike (LD-DPO; see `sequence_logps`); a
+    precomputed `ref_logps` must already be weighted the same way.
     Returns a DPOOutput; `.loss` is the mean over pairs.
     """
     loss_config = dict(beta=beta, loss_type=loss_type, loss_weights=loss_weights,
@@ -130,7 +133,7 @@ def loss(logits=None, labels=None, *, ref_logits=None, ref_logps=None, seq_ids=N
         refuse_head_options_without_head(head_options)
     common = dict(seq_ids=seq_ids, ignore_index=ignore_index, shift=shift, num_sequences=num_sequences,
                   logit_scale=logit_scale, softcap=softcap, temperature=temperature, backend=backend,
-                  check_finite=False, **head_options)
+                  check_finite=False, token_weights=token_weights, **head_options)
     logps, n_tokens, logit_sums, plan = compute_sequence_logps(
         logits, labels, hidden=hidden, weight=weight, bias=bias, **common)
     chosen_logps, rejected_logps = _split_pairs(logps, "labels/seq_ids")

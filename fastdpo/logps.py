@@ -63,7 +63,8 @@ def token_targets(labels, seq_ids, *, vocab_size, ignore_index, shift, num_seque
     n_bad, bad, seq_min, seq_max, n_scored = torch.stack(
         [out_of_range.sum(), first_bad, seq.min(), seq.max(), scored.sum()]).tolist()  # the one host sync
     if num_sequences is None:
-        require(seq_max >= 0, "seq_ids hold no sequence (all -1): nothing to score")
+        require(seq_max >= 0, "seq_ids hold no sequence (all -1): nothing to score" if seq_min == -1 else
+                f"seq_ids must be >= -1 (-1 = no sequence; sequences are numbered from 0), found {seq_min}")
         num_sequences = seq_max + 1
     require(seq_min >= -1 and seq_max < num_sequences,
             f"seq_ids must lie in [-1, {num_sequences}) (-1 = no sequence; num_sequences={num_sequences}), "
@@ -151,16 +152,55 @@ def _float64_backend(backend, dtype):
     return "torch"
 
 
+def check_token_weights(token_weights, labels):
+    """token_weights: None or a finite floating tensor shaped like labels, on labels' device."""
+    if token_weights is None:
+        return
+    check_tensor("token_weights", token_weights, floating=True)
+    require(token_weights.shape == labels.shape,
+            f"token_weights must have the shape of labels {tuple(labels.shape)} (one weight per label), "
+            f"got {tuple(token_weights.shape)}")
+    check_same_device(labels=labels, token_weights=token_weights)
+    require(bool(torch.isfinite(token_weights).all()), "token_weights must be finite (found NaN or inf)")
+
+
+def weighted_segments(plan, token_weights, shift):
+    """The plan with every sequence split into one segment per distinct token weight, and those weights.
+
+    Segment k * S + s holds the scored tokens of sequence s whose weight is weights[k] (K distinct weights among
+    the scored tokens). A weighted sum sum_t w_t log p_t is then sum_k weights[k] * (sum of segment k * S + s):
+    the heads never see the weights. Costs K x S segment sums and one host sync (torch.unique); meant for a few
+    distinct values (LD-DPO: 2). Returns (TokenTargets over K * S segments, weights [K] float64).
+    """
+    flat = token_weights.to(torch.float64).reshape(-1, token_weights.shape[-1])
+    if shift:  # aligned with the shifted targets, as in token_targets
+        flat = torch.cat([flat[:, 1:], torch.zeros_like(flat[:, :1])], dim=1)
+    weights, klass = torch.unique(flat.reshape(-1)[plan.rows], return_inverse=True)
+    segment_index = torch.full_like(plan.seq_index, -1)
+    segment_index[plan.rows] = klass * plan.num_sequences + plan.seq_index[plan.rows]
+    return plan._replace(seq_index=segment_index, num_sequences=max(1, weights.numel()) * plan.num_sequences), weights
+
+
+def _combine_segments(values, weights, num_sequences):
+    """[K * S] segment sums -> [S], weighted by `weights` [K] (None: a plain sum)."""
+    blocks = values.reshape(-1, num_sequences)
+    if weights is None or weights.numel() == 0:  # no scored token: all-zero sums
+        return blocks.sum(0)
+    return (blocks * weights.to(blocks.dtype)[:, None]).sum(0)
+
+
 def compute_sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=None, weight=None, bias=None,
                            ignore_index=-100, shift=True, num_sequences=None, logit_scale=1.0, softcap=None,
                            temperature=1.0, backend="auto", check_finite=True, inplace_backward=False,
-                           head_mode="auto", head_memory_budget=None, fp32_precision="ieee", plan=None):
+                           head_mode="auto", head_memory_budget=None, fp32_precision="ieee", plan=None,
+                           token_weights=None):
     """`sequence_logps` plus the per-sequence logit sums (for TRL's logits/* metrics).
 
     The head options are validated always and used by the fused form only (the public entry points refuse
     them for logits input). `plan` reuses the TokenTargets of an earlier call on the same labels (the
-    reference model scores the policy's tokens). Returns (logps [S], n_tokens [S] int64, logit_sums [S],
-    plan); logps and logit_sums are float32 (float64 for float64 inputs).
+    reference model scores the policy's tokens). `token_weights` (shape of labels) weights each token's
+    log-prob in its sequence's sum (the logit sums and n_tokens stay unweighted). Returns (logps [S],
+    n_tokens [S] int64, logit_sums [S], plan); logps and logit_sums are float32 (float64 for float64 inputs).
     """
     require(labels is not None, "labels is required")
     check_tensor("labels", labels, dtypes=INDEX_DTYPES)
@@ -192,17 +232,23 @@ def compute_sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=Non
     require(plan.vocab_size == vocab_size,
             f"the reference vocabulary ({vocab_size}) differs from the policy's ({plan.vocab_size})")
     transforms = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
+    check_token_weights(token_weights, labels)
+    segments, segment_weights = (plan, None) if token_weights is None else weighted_segments(plan, token_weights,
+                                                                                             shift)
     if fused:
         head = vocab_parallel_sequence_logps if is_vocab_sharded(weight) else linear_sequence_logps
         logps, logit_sums = head(
-            hidden.reshape(-1, hidden.shape[-1]), weight, bias, *plan[:3], backend=backend, rows=plan.rows,
+            hidden.reshape(-1, hidden.shape[-1]), weight, bias, *segments[:3], backend=backend, rows=segments.rows,
             **transforms, **head_options)
     else:
         flat = logits.reshape(-1, vocab_size)
         if flat.stride(1) != 1:
             flat = flat.contiguous()
-        logps, logit_sums = logits_sequence_logps(flat, *plan[:3], backend=backend,
+        logps, logit_sums = logits_sequence_logps(flat, *segments[:3], backend=backend,
                                                   inplace_backward=inplace_backward, **transforms)
+    if token_weights is not None:
+        logps = _combine_segments(logps, segment_weights, plan.num_sequences)
+        logit_sums = _combine_segments(logit_sums, None, plan.num_sequences)
     if check_finite:
         check_finite_logps({"hidden/weight" if fused else "logits": logps})
     return logps, plan.n_tokens, logit_sums, plan
@@ -211,7 +257,7 @@ def compute_sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=Non
 def sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=None, weight=None, bias=None,
                    ignore_index=-100, shift=True, num_sequences=None, logit_scale=1.0, softcap=None,
                    temperature=1.0, backend="auto", check_finite=True, inplace_backward=False, head_mode="auto",
-                   head_memory_budget=None, fp32_precision="ieee"):
+                   head_memory_budget=None, fp32_precision="ieee", token_weights=None):
     """Summed log-probability of each sequence's target tokens.
 
     Logits form: logits [R, T, V] (fp32/bf16/fp16/fp64) with labels [R, T] (or [T, V] with [T]).
@@ -227,6 +273,9 @@ def sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=None, weigh
     inputs, n_tokens [S] int64). A sequence with no scored token has logps 0 and n_tokens 0.
     check_finite raises FloatingPointError when a result is NaN/inf (a NaN/+inf logit in a scored row, or
     -inf at a target); inplace_backward writes grad_logits into the logits buffer (logits form only).
+    token_weights (floating, shape of labels, aligned with labels) makes each sum weighted,
+    sum_t token_weights[t] * log p(labels[t]), e.g. LD-DPO's down-weighted tail; n_tokens still counts every
+    scored token. Few distinct weight values are cheap (each is a segment of the sums).
     """
     head_options = dict(head_mode=head_mode, head_memory_budget=head_memory_budget, fp32_precision=fp32_precision)
     if logits is not None:
@@ -235,5 +284,5 @@ def sequence_logps(logits=None, labels=None, seq_ids=None, *, hidden=None, weigh
         logits, labels, seq_ids, hidden=hidden, weight=weight, bias=bias, ignore_index=ignore_index,
         shift=shift, num_sequences=num_sequences, logit_scale=logit_scale, softcap=softcap,
         temperature=temperature, backend=backend, check_finite=check_finite,
-        inplace_backward=inplace_backward, **head_options)
+        inplace_backward=inplace_backward, token_weights=token_weights, **head_options)
     return SequenceLogps(logps, n_tokens)

@@ -275,6 +275,19 @@ def adapters_disabled(model):
         )
 
 
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    """`module` in eval mode (dropout off, as TRL runs its reference) inside the block; every submodule's own
+    train/eval mode is restored afterwards."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def model_loss(
     model: torch.nn.Module,
     batch: PackedBatch,
@@ -287,10 +300,11 @@ def model_loss(
     """DPO-family loss of a Hugging Face causal LM on a packed batch -> fastdpo.DPOOutput.
 
     `model` (and `ref_model`) are called as given, wrappers included (DDP, FSDP2, torch.compile, accelerate).
-    Reference: at most one of ``ref_model`` (another model, run under no_grad), ``ref_logps``
-    (precomputed [2B] float32 per-sequence log-probs, TRL order), ``ref_adapter_disabled=True`` (the same
-    PEFT model with adapters disabled, under no_grad: the original LM head of a modules_to_save head); none
-    for ``reference_free=True`` or reference-free loss types (fastdpo.loss raises if the loss needs one).
+    Reference: at most one of ``ref_model`` (another model, run under no_grad in eval mode, as TRL runs its
+    reference: dropout off, each submodule's mode restored after), ``ref_logps`` (precomputed [2B] float32
+    per-sequence log-probs, TRL order), ``ref_adapter_disabled=True`` (the same PEFT model with adapters
+    disabled, under no_grad in eval mode: the original LM head of a modules_to_save head); none for
+    ``reference_free=True`` or reference-free loss types (fastdpo.loss raises if the loss needs one).
     Remaining keyword arguments (beta, loss_type, label_smoothing, temperature, backend, ...) go to fastdpo.loss.
     """
     import fastdpo  # the package's public loss (fastdpo/dpo.py)
@@ -306,8 +320,10 @@ def model_loss(
 
     ref_kw: dict[str, Any] = {}
     if ref_model is not None or ref_adapter_disabled:
-        with torch.no_grad(), (adapters_disabled(model) if ref_adapter_disabled else contextlib.nullcontext()):
-            ref = forward_hidden(model if ref_adapter_disabled else ref_model, batch)
+        reference = model if ref_adapter_disabled else ref_model
+        with (torch.no_grad(), eval_mode(reference),
+              adapters_disabled(model) if ref_adapter_disabled else contextlib.nullcontext()):
+            ref = forward_hidden(reference, batch)
         ref_kw = dict(ref_hidden=ref.hidden, ref_weight=ref.weight, ref_bias=ref.bias)
     elif ref_logps is not None:
         if isinstance(ref_logps, torch.Tensor) and ref_logps.shape != (batch.num_sequences,):

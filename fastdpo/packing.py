@@ -201,6 +201,8 @@ def _as_token_list(x, what: str, i: int, vocab_size: int | None) -> list[int]:
     lo, hi = min(toks), max(toks)
     if lo < 0:
         raise ValueError(f"{what}[{i}] contains a negative token id {lo}")
+    if hi > torch.iinfo(torch.int64).max:
+        raise ValueError(f"{what}[{i}] contains token id {hi}, beyond the int64 range of token ids (< 2**63)")
     if vocab_size is not None and hi >= vocab_size:
         raise ValueError(f"{what}[{i}] contains token id {hi} outside the vocabulary (vocab_size={vocab_size})")
     return toks
@@ -430,7 +432,7 @@ def pack_pairs(
             seg_lens.append(T - t)
 
     kw = dict(dtype=torch.long, device=device)
-    cu = torch.tensor([0] + seg_lens, dtype=torch.int64).cumsum(0).to(torch.int32)
+    cu = torch.tensor([0] + seg_lens, dtype=torch.int64, device="cpu").cumsum(0).to(torch.int32)
     assert int(cu[-1]) == R_ * T
     batch = PackedBatch(
         input_ids=torch.tensor(ids, **kw),

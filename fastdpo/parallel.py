@@ -92,9 +92,11 @@ def _local_shard(name, tensor, mesh):
     """The local shard of a DTensor `tensor` with placements (Shard(0),) on `mesh` (differentiable)."""
     from torch.distributed.tensor import DTensor, Shard
 
-    require(isinstance(tensor, DTensor) and tensor.device_mesh == mesh and tuple(tensor.placements) == (Shard(0),),
+    require(isinstance(tensor, DTensor) and tuple(tensor.placements) == (Shard(0),),
              f"{name} must be a DTensor sharded along the vocabulary, placements (Shard(0),) on the weight's "
              f"1-D device mesh, got {getattr(tensor, 'placements', type(tensor).__name__)}")
+    require(tensor.device_mesh == mesh, f"{name} must be sharded on the weight's device mesh {mesh}, got a DTensor "
+                                        f"on {tensor.device_mesh}")
     return tensor.to_local()
 
 
@@ -185,7 +187,8 @@ def _shard_layout(targets, local_vocab, vocab_offset, group):
     require(bool((rows == rows[0]).all()),
              f"every rank must score the same tokens (hidden and labels replicated), got {rows.tolist()} scored "
              f"tokens per rank")
-    require(bool((sizes > 0).all()), f"every rank's weight shard must hold at least one vocabulary row, got "
+    require(bool((sizes > 0).all()), f"every rank's weight shard must hold at least one vocabulary row (a "
+             f"vocabulary of {int(sizes.sum())} rows cannot be sharded over {sizes.numel()} ranks that way), got "
              f"shard sizes {sizes.tolist()}")
     require(bool((begins < 0).all() or (begins >= 0).all()), "vocab_offset must be given on every rank or on none")
     if bool((begins < 0).all()):  # equal or unequal contiguous shards in rank order
@@ -311,6 +314,9 @@ def vocab_parallel_sequence_logps(hidden, weight, bias, targets, seq_index, num_
                  "process_group and vocab_offset come from the DTensor weight's mesh; do not pass them with it")
         hidden, weight, bias, process_group, vocab_offset = _unshard_inputs(hidden, weight, bias)
     require(process_group is not None, "a vocabulary-parallel head needs a DTensor weight or process_group=")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup (e.g. mesh.get_group() or "
+                        f"dist.new_group(...)), got {type(process_group).__name__} {process_group!r:.40}")
     require(weight.dim() == 2 and hidden.dim() == 2 and hidden.shape[1] == weight.shape[1],
              f"hidden must be [N, D] and the weight shard [V_r, D], got {tuple(hidden.shape)} and "
              f"{tuple(weight.shape)}")
@@ -324,12 +330,12 @@ def vocab_parallel_sequence_logps(hidden, weight, bias, targets, seq_index, num_
     row_targets, seq_of_rows = targets[rows].contiguous(), seq_index[rows].contiguous()
     impl = resolve_backend(backend, hidden.device)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    begins, ends = _shard_layout(row_targets, weight.shape[0], vocab_offset, process_group)  # collective: first
     head = make_head(impl, head_mode=head_mode, head_memory_budget=head_memory_budget, weight=weight,
                      num_rows=rows.numel(), transforms={}, fp32_precision=fp32_precision, needs_grad=needs_grad)
     require(not isinstance(head, FusedHead), "head_mode='fused' is not available with a vocabulary-sharded weight "
              "(the fused kernels do not return the per-shard max and sum-exp the exact merge needs); use "
              "'stored', 'recompute' or 'auto'")
-    begins, ends = _shard_layout(row_targets, weight.shape[0], vocab_offset, process_group)
     layout = (begins.to(hidden.device), ends.to(hidden.device))
     shard = _Shard(weight, bias, int(begins[dist.get_rank(process_group)]),
                    Transform(logit_scale, softcap, temperature), head.chunk_rows)

@@ -202,6 +202,18 @@ def _payload_hash(tensors: dict) -> str:
     return h.hexdigest()
 
 
+def _check_reference_header(path, meta: dict) -> None:
+    """The header's reference identity is well formed (the payload hash does not cover the header): a weights
+    fingerprint is 64 hex digits, no identity is an empty id; otherwise the file is damaged."""
+    kind, reference_id = meta.get("reference_id_kind"), meta.get("reference_id")
+    well_formed = {"weights_blake2b256": lambda i: len(i) == 64 and all(ch in "0123456789abcdef" for ch in i),
+                   "user": lambda i: True, "none": lambda i: i == ""}
+    if kind not in well_formed or not isinstance(reference_id, str) or not well_formed[kind](reference_id):
+        raise CorruptReferenceCacheError(
+            f"{path}: damaged header: reference_id {str(reference_id)[:80]!r} is not a valid id of kind {kind!r} "
+            f"(weights_blake2b256: 64 hex digits; user: any string; none: empty); rebuild the cache")
+
+
 # ----------------------------------------------------------------------------------------------
 # default compute function
 
@@ -515,6 +527,7 @@ class ReferenceCache:
         kb = keys_t.numpy().tobytes()
         if _keys_hash(kb[i:i + KEY_BYTES] for i in range(0, len(kb), KEY_BYTES)) != meta.get("dataset_hash"):
             raise CorruptReferenceCacheError(f"{path}: dataset hash does not match the stored pair keys")
+        _check_reference_header(path, meta)
         meta = {k: v for k, v in meta.items() if k != "payload_hash"}
         cache = cls(keys_t, c, r, meta)
         cache.path = path

@@ -33,6 +33,7 @@ computed inside the wrapped module's forward, so FSDP2 has the parameters unshar
 forward. Rank 0 writes a JSON summary to ``--out``; the worker exits non-zero if a check fails.
 """
 import argparse
+import gc
 import json
 import math
 import os
@@ -481,6 +482,11 @@ def main():
             json.dump(results, f, indent=1)
         os.replace(args.out + ".tmp", args.out)
         print(json.dumps(results))
+    # the checks' DDP / FSDP2 modules hold the process group and may sit in reference cycles: free them on
+    # every rank before the group goes, or a rank can hang or abort at exit
+    if accelerator is not None:
+        accelerator.free_memory()  # drops its references to the prepared model
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
     return 0 if ok else 1

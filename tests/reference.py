@@ -33,7 +33,12 @@ def head_logits_f64(hidden, weight, bias=None, *, logit_scale=1.0, softcap=None,
     z = hidden.double() @ weight.double().T
     if bias is not None:
         z = z + bias.double()
-    z = z * logit_scale
+    return transformed_f64(z, logit_scale=logit_scale, softcap=softcap, temperature=temperature)
+
+
+def transformed_f64(x, *, logit_scale=1.0, softcap=None, temperature=1.0):
+    """z = softcap(logit_scale * x) / temperature in float64 (the logit transforms of raw logits x)."""
+    z = x.double() * logit_scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     return z / temperature

@@ -155,6 +155,22 @@ def test_ref_logps_and_reference_free():
         model_loss(policy, batch)
 
 
+def test_reference_runs_in_eval_mode():
+    """A reference left in train mode with dropout on is scored in eval mode (as TRL does), its mode restored."""
+    policy, ref = tiny_llama(seed=0), tiny_llama(seed=1, attention_dropout=0.5)
+    ref.train()
+    ref.model.layers[0].eval()  # a submodule with its own mode keeps it
+    batch = pack_pairs(*random_pairs(4, seed=5), max_tokens=48)
+    first, second = (model_loss(policy, batch, ref_model=ref).loss for _ in range(2))
+    assert torch.equal(first, second)
+    ref.eval()
+    torch.testing.assert_close(model_loss(policy, batch, ref_model=ref).loss, first, rtol=0, atol=0)
+    ref.train()
+    ref.model.layers[0].eval()
+    model_loss(policy, batch, ref_model=ref)
+    assert ref.training and ref.model.layers[1].training and not ref.model.layers[0].training
+
+
 def lora(model, **over):
     from peft import LoraConfig, get_peft_model
 

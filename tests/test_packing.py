@@ -362,6 +362,7 @@ def test_no_truncation_no_warning():
     (([[1]], [[2, 1.5]], [[3]]), {}, "non-integer"),
     (([[1]], [[-2]], [[3]]), {}, "negative"),
     (([[1]], [[200]], [[3]]), {"vocab_size": 128}, "outside the vocabulary"),
+    (([[1]], [[2 ** 63]], [[3]]), {}, r"chosen\[0\] contains token id 9223372036854775808, beyond the int64"),
     ((["hello"], [[2]], [[3]]), {}, "string"),
     (([[1]], [[2]], [[3]]), {"truncation": "left"}, "truncation must be one of"),
     (([[1]], [[2]], [[3]]), {"max_tokens": 0}, "max_tokens"),

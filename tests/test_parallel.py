@@ -221,11 +221,23 @@ def test_refusals(mesh):
         (dict(weight=weight[:30], process_group=group), r"targets of scored tokens must lie in \[0, 30\)"),
         (dict(weight=shard(weight.double())), "must equal hidden dtype"),
     ]
+    from torch.distributed.device_mesh import init_device_mesh
+
+    other_mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("tp",))
+    cases += [
+        (dict(weight=shard(weight), bias=distribute_tensor(bias, other_mesh, [Shard(0)])),
+         "bias must be sharded on the weight's device mesh .* got a DTensor on DeviceMesh\\(\\(tp=1\\)"),
+        (dict(weight=weight[:0], process_group=group, targets=torch.full_like(targets, -1),
+              seq_index=torch.full_like(seq_index, -1)),
+         r"at least one vocabulary row \(a vocabulary of 0 rows cannot be sharded over 1 ranks"),
+    ]
     for overrides, message in cases:
         kwargs = dict(hidden=hidden, weight=None, bias=None, targets=targets, seq_index=seq_index, num_sequences=S)
         kwargs.update(overrides)
         with pytest.raises(ValueError, match=message):
             vocab_parallel_sequence_logps(**kwargs)
+    with pytest.raises(TypeError, match="process_group must be a torch.distributed.ProcessGroup .* got str"):
+        vocab_parallel_sequence_logps(hidden, weight, None, targets, seq_index, S, process_group="tp")
 
 
 # ----------------------------------------------------------------------------- data sharding

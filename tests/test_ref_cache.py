@@ -292,6 +292,12 @@ def test_bad_files(tmp_path):
     save_file({k: v for k, v in tensors.items() if k != "rejected_logps"}, str(wrong), metadata=meta)
     with pytest.raises(CorruptReferenceCacheError, match="lacks tensors"):
         ReferenceCache.load(wrong)
+    # a damaged reference identity in the header (which the payload hash does not cover)
+    for kind, reference_id in (("weights_blake2b256", "0123abcd"), ("weights_blake2b256", "z" * 64),
+                               ("none", "x"), ("sha1", "x")):
+        save_file(tensors, str(wrong), metadata={**meta, "reference_id_kind": kind, "reference_id": reference_id})
+        with pytest.raises(CorruptReferenceCacheError, match=f"damaged header: reference_id '{reference_id}'"):
+            ReferenceCache.load(wrong, verify_reference=False)
     ReferenceCache.load(good)  # the original is still fine
 
 

@@ -213,6 +213,13 @@ BAD_INPUTS = {
                            seq_ids=torch.zeros(2, 3, dtype=torch.long)), "seq_ids must have the shape of labels"),
     "seq_ids range": (dict(logits=torch.randn(1, 4, 10), labels=torch.zeros(1, 4, dtype=torch.long),
                            seq_ids=torch.tensor([[0, 1, -2, 1]])), r"seq_ids must lie in \[-1, 2\)"),
+    "seq_ids all -2": (dict(logits=torch.randn(1, 4, 10), labels=torch.zeros(1, 4, dtype=torch.long),
+                            seq_ids=torch.full((1, 4), -2)), r"seq_ids must be >= -1 .* found -2"),
+    "token_weights shape": (dict(logits=torch.randn(1, 4, 10), labels=torch.zeros(1, 4, dtype=torch.long),
+                                 token_weights=torch.ones(1, 3)), r"token_weights must have the shape of labels"),
+    "token_weights nan": (dict(logits=torch.randn(1, 4, 10), labels=torch.zeros(1, 4, dtype=torch.long),
+                               token_weights=torch.tensor([[1.0, float("nan"), 1.0, 1.0]])),
+                          "token_weights must be finite"),
     "empty batch": (dict(logits=torch.randn(0, 4, 10), labels=torch.zeros(0, 4, dtype=torch.long)), "empty batch"),
     "both forms": (dict(logits=torch.randn(1, 4, 10), hidden=torch.randn(1, 4, 3), weight=torch.randn(10, 3),
                         labels=torch.zeros(1, 4, dtype=torch.long)), "not both"),
@@ -232,3 +239,49 @@ def test_bad_input_raises_a_clear_error(case):
     kwargs, message = BAD_INPUTS[case]
     with pytest.raises(ValueError, match=message):
         fastdpo.sequence_logps(**kwargs)
+
+
+def _weighted_f64(logits, labels, seq_ids, weights, S):
+    """sum_t weights[t] * log p(labels[t]) per sequence, float64, shifted as Hugging Face labels."""
+    logp = torch.log_softmax(logits.double(), -1)[:, :-1]
+    target, seq, w = labels[:, 1:], seq_ids[:, 1:], weights[:, 1:].double()
+    scored = (target != -100) & (seq >= 0)
+    token = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
+    return torch.zeros(S, dtype=torch.float64).index_add(0, seq[scored], (token * w)[scored])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", ["logits", "fused"])
+def test_token_weights_weight_each_token_in_its_sequence_sum(backend, form):
+    """LD-DPO-style weights (1, alpha and 0 among the scored tokens): the weighted sums and their gradients match
+    float64; n_tokens still counts every scored token; fastdpo.loss weights a computed reference the same way."""
+    R, T, V, D = 2, 12, 130, 16
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(R, T, D, generator=g).requires_grad_()
+    weight = (torch.randn(V, D, generator=g) / 4).requires_grad_()
+    labels = random_labels(R, T, V, seed=5)
+    seq_ids, S = _packed_seq_ids(R, T, seed=6)
+    S += S % 2  # an even number of sequences for fastdpo.loss
+    weights = torch.tensor([1.0, 0.3, 0.0])[torch.randint(0, 3, (R, T), generator=g)]
+    inputs = dict(logits=hidden @ weight.T) if form == "logits" else dict(hidden=hidden, weight=weight)
+    out = fastdpo.sequence_logps(**inputs, labels=labels, seq_ids=seq_ids, num_sequences=S, token_weights=weights,
+                                 backend=backend)
+    leaf_h, leaf_w = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    expected = _weighted_f64(leaf_h @ leaf_w.T, labels, seq_ids, weights, S)
+    assert rel_err(out.logps, expected) <= 1e-5
+    assert torch.equal(out.n_tokens, fastdpo.sequence_logps(**inputs, labels=labels, seq_ids=seq_ids,
+                                                            num_sequences=S, backend=backend).n_tokens)
+    upstream = torch.randn(S, generator=g)
+    got = torch.autograd.grad(out.logps, (hidden, weight), upstream)
+    want = torch.autograd.grad(expected, (leaf_h, leaf_w), upstream.double())
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-5
+
+    ref_weight = weight.detach() + 0.01
+    reference = dict(ref_logits=hidden.detach() @ ref_weight.T) if form == "logits" else \
+        dict(ref_hidden=hidden.detach(), ref_weight=ref_weight)
+    loss = fastdpo.loss(**inputs, labels=labels, seq_ids=seq_ids, num_sequences=S, token_weights=weights,
+                        backend=backend, **reference)
+    ref_expected = _weighted_f64(hidden.detach() @ ref_weight.T, labels, seq_ids, weights, S)
+    assert rel_err(torch.cat([loss.chosen_logps, loss.rejected_logps]), expected) <= 1e-5
+    assert rel_err(torch.cat([loss.ref_chosen_logps, loss.ref_rejected_logps]), ref_expected) <= 1e-5
