@@ -316,3 +316,18 @@ def test_attention_work_is_the_sum_over_segments():
         assert work["segments"] <= work["segment_sdpa"] <= 1.3 * work["segments"]
     plan = segment_plan(pack_pairs(*pairs, max_tokens=4 * 1136))
     assert attention_work(plan, sliding_window=64)["segments"] < attention_work(plan)["segments"]
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_flex_block_mask_spans_many_blocks(varlen_calls, window):
+    """Several 128-token query blocks, segments straddling block edges: flex (forward), per-segment SDPA and the
+    varlen path (through the float64 reference) agree on random q/k/v, GQA, with and without a window."""
+    P, C, R = random_pairs(12, seed=4, p=(5, 40), r=(5, 40))
+    plan = segment_plan(pack_pairs(P, C, R, max_tokens=200, pad_to_multiple_of=32))
+    assert plan.num_rows * plan.row_length > 3 * 128
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(plan.num_rows * plan.row_length, h, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    want = attention.segment_sdpa(q, k, v, plan, window=window)
+    torch.testing.assert_close(attention.segment_flex(q, k, v, plan, window=window), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(attention.segment_varlen(q, k, v, plan, window=window), want, rtol=1e-12, atol=1e-12)
+    assert len(varlen_calls) == 1
