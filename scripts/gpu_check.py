@@ -838,21 +838,28 @@ def packed_attention(cfg):
     device, smoke = cfg["device"], cfg["smoke"]
     prompt, response, heads, kv_heads, head_dim = (12, 20, 4, 2, 16) if smoke else (168, 400, 32, 8, 128)
     dtype = torch.float32 if smoke else torch.bfloat16
-    g = torch.Generator("cpu").manual_seed(0)
-    lengths = lambda n: torch.randint(n // 2, 3 * n // 2, (8,), generator=g, device="cpu").tolist()  # noqa: E731
-    batch = pack_pairs([[1] * n for n in lengths(prompt)], [[2] * n for n in lengths(response)],
-                       [[3] * n for n in lengths(response)], shared_prompt=True, device=device)
-    plan, (R, T) = segment_plan(batch), batch.input_ids.shape
-    gd = generator(device, 1)
-    q, k, v = (torch.randn(R * T, h, head_dim, generator=gd, device=device, dtype=dtype).requires_grad_()
-               for h in (heads, kv_heads, kv_heads))
-    upstream = torch.randn(R * T, heads, head_dim, generator=gd, device=device, dtype=dtype)
-    kernel = varlen_kernel(torch.device(device))
-    path = "per-segment SDPA" if kernel is None else kernel.__name__.strip("_").replace("_kernel", "")
+    built = {}
 
-    def dense(window, softcap):  # SDPA on the dense mask; softcap in float32 math (SDPA has no score transform)
-        mask = bool_mask(batch, window)
-        qd, kd, vd = (x.view(R, T, -1, head_dim).transpose(1, 2) for x in (q, k, v))
+    def problem():  # built by the first row that runs (listing the rows touches no device)
+        if not built:
+            g = torch.Generator("cpu").manual_seed(0)
+            lengths = lambda n: torch.randint(n // 2, 3 * n // 2, (8,), generator=g, device="cpu").tolist()  # noqa: E731
+            batch = pack_pairs([[1] * n for n in lengths(prompt)], [[2] * n for n in lengths(response)],
+                               [[3] * n for n in lengths(response)], shared_prompt=True, device=device)
+            R, T = batch.input_ids.shape
+            gd = generator(device, 1)
+            q, k, v = (torch.randn(R * T, h, head_dim, generator=gd, device=device, dtype=dtype).requires_grad_()
+                       for h in (heads, kv_heads, kv_heads))
+            upstream = torch.randn(R * T, heads, head_dim, generator=gd, device=device, dtype=dtype)
+            kernel = varlen_kernel(torch.device(device))
+            path = "per-segment SDPA" if kernel is None else kernel.__name__.strip("_").replace("_kernel", "")
+            built.update(batch=batch, plan=segment_plan(batch), R=R, T=T, q=q, k=k, v=v, upstream=upstream, path=path)
+        return built
+
+    def dense(p, window, softcap):  # SDPA on the dense mask; softcap in float32 math (SDPA has no score transform)
+        R, T = p["R"], p["T"]
+        mask = bool_mask(p["batch"], window)
+        qd, kd, vd = (x.view(R, T, -1, head_dim).transpose(1, 2) for x in (p["q"], p["k"], p["v"]))
         kd, vd = (x.repeat_interleave(heads // kv_heads, dim=1) for x in (kd, vd))
         if softcap is None:
             out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask)
@@ -864,11 +871,13 @@ def packed_attention(cfg):
 
     def variant(window, softcap):
         def row():
-            if softcap is not None and path != "flash_attn":
-                return {"status": "not run", "ok": None, "path": path,
+            p = problem()
+            q, k, v, plan, upstream = p["q"], p["k"], p["v"], p["plan"], p["upstream"]
+            if softcap is not None and p["path"] != "flash_attn":
+                return {"status": "not run", "ok": None, "path": p["path"],
                         "note": "softcap needs flash-attn's flash_attn_varlen_func (not installed)"}
             results = {}
-            for name, fn in (("dense", lambda: dense(window, softcap)),
+            for name, fn in (("dense", lambda: dense(p, window, softcap)),
                              ("packed", lambda: segment_varlen(q, k, v, plan, window=window, softcap=softcap))):
                 for x in (q, k, v):
                     x.grad = None
@@ -882,7 +891,7 @@ def packed_attention(cfg):
             times = {} if results["dense_ms"] is None else {
                 "dense_ms": results["dense_ms"]["ms"], "packed_ms": results["packed_ms"]["ms"],
                 "speedup": results["dense_ms"]["ms"] / results["packed_ms"]["ms"]}
-            return {"status": "ok" if ok else "failed", "ok": ok, "path": path, "rows x T": f"{R} x {T}",
+            return {"status": "ok" if ok else "failed", "ok": ok, "path": p["path"], "rows x T": f"{p['R']} x {p['T']}",
                     "rel_err out/dq/dk/dv": "/".join(f"{e:.1e}" for e in errors), **times,
                     "entries dense / segments": work["dense_mask"] / work["segments"]}
         return row
