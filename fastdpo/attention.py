@@ -366,8 +366,12 @@ def varlen_kernel(device: torch.device) -> Callable | None:
     """The varlen kernel for `device`, with flash-attn's calling convention (causal aligned to the bottom right,
     window (left, 0)): flash-attn's flash_attn_varlen_func, else torch.nn.attention.varlen.varlen_attn, on CUDA;
     None elsewhere."""
-    if device.type != "cuda":
-        return None
+    return _cuda_varlen_kernel() if device.type == "cuda" else None
+
+
+@lru_cache(maxsize=1)
+def _cuda_varlen_kernel() -> Callable | None:
+    """Looked up once (a failed import is not cached by Python, and this runs per layer)."""
     try:
         import flash_attn  # noqa: F401
         return _flash_attn_kernel
