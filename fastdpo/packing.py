@@ -250,10 +250,13 @@ def _truncate(p, c, r, i, max_tokens, shared, policy):
 
 
 def check_pack_options(*, max_tokens, shared_prompt, truncation, pad_token_id, pad_to_multiple_of, ignore_index,
-                       vocab_size):
+                       vocab_size, group_prompts=False):
     """The options of pack_pairs (TypeError / ValueError naming the option)."""
     check_int("max_tokens", max_tokens, minimum=4, optional=True)
     check_bool("shared_prompt", shared_prompt)
+    check_bool("group_prompts", group_prompts)
+    require(shared_prompt or not group_prompts, "group_prompts=True needs shared_prompt=True (one prompt copy per "
+                                                "group); the separate layout repeats the prompt per sequence")
     check_choice("truncation", truncation, TRUNCATION_POLICIES)
     check_int("pad_to_multiple_of", pad_to_multiple_of, minimum=1, optional=True)
     check_int("vocab_size", vocab_size, minimum=1, optional=True)
@@ -333,10 +336,7 @@ def pack_pairs(
     """
     check_pack_options(max_tokens=max_tokens, shared_prompt=shared_prompt, truncation=truncation,
                        pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of, ignore_index=ignore_index,
-                       vocab_size=vocab_size)
-    check_bool("group_prompts", group_prompts)
-    require(shared_prompt or not group_prompts, "group_prompts=True needs shared_prompt=True (one prompt copy per "
-                                                "group); the separate layout repeats the prompt per sequence")
+                       vocab_size=vocab_size, group_prompts=group_prompts)
     if not (len(prompts) == len(chosen) == len(rejected)):
         raise ValueError(
             f"prompts, chosen and rejected must have the same length, got {len(prompts)}, {len(chosen)}, {len(rejected)}"
@@ -603,11 +603,11 @@ class PairCollator:
     The options are those of :func:`pack_pairs` (checked here, once); rows as :func:`pack_rows` takes them.
     """
 
-    def __init__(self, *, max_tokens: int | None = None, shared_prompt: bool = True, truncation: str = "error",
-                 pad_token_id: int = 0, pad_to_multiple_of: int | None = None, ignore_index: int = -100,
-                 vocab_size: int | None = None):
-        self.options = dict(max_tokens=max_tokens, shared_prompt=shared_prompt, truncation=truncation,
-                            pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of,
+    def __init__(self, *, max_tokens: int | None = None, shared_prompt: bool = True, group_prompts: bool = False,
+                 truncation: str = "error", pad_token_id: int = 0, pad_to_multiple_of: int | None = None,
+                 ignore_index: int = -100, vocab_size: int | None = None):
+        self.options = dict(max_tokens=max_tokens, shared_prompt=shared_prompt, group_prompts=group_prompts,
+                            truncation=truncation, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of,
                             ignore_index=ignore_index, vocab_size=vocab_size)
         check_pack_options(**self.options)
 

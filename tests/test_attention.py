@@ -10,7 +10,7 @@ import torch
 import fastdpo.attention as attention
 from fastdpo.attention import attention_work, bool_mask, flash_attn_varlen_kwargs, segment_plan
 from fastdpo.model import forward_hidden, logit_transforms, model_loss
-from fastdpo.packing import DATASET_SHAPES, pack_pairs
+from fastdpo.packing import DATASET_SHAPES, PairCollator, pack_pairs
 from reference import varlen_attention_f64
 
 import transformers  # noqa: E402
@@ -280,6 +280,10 @@ def test_grouped_prompts_layout():
     assert batch.branch_ids[0].tolist() == [0, 0, 1, 1, 1, 2, 2, 3, 3, 4, 4, 4, 1, 1, 2, 2]
     with pytest.raises(ValueError, match="group_prompts=True needs shared_prompt=True"):
         pack_pairs([[1]], [[2]], [[3]], shared_prompt=False, group_prompts=True)
+    with pytest.raises(ValueError, match="group_prompts=True needs shared_prompt=True"):
+        PairCollator(shared_prompt=False, group_prompts=True)
+    rows = [([1, 2, 3], [5, 6], [9]), ([1, 2, 3], [7], [10, 11]), ([4], [8], [12])]
+    assert torch.equal(PairCollator(group_prompts=True)(rows).input_ids, batch.input_ids)
     with pytest.raises(ValueError, match="prompt group 0 need 12 tokens > max_tokens=8"):
         pack_pairs([[1, 2, 3]] * 2, [[5, 6]] * 2, [[9]] * 2, max_tokens=8, group_prompts=True)
 
