@@ -5,7 +5,7 @@
 
 nccl on GPUs (one per process), gloo on CPU. ddp / fsdp2: data parallel, every rank takes its share of each
 global batch from fastdpo.sharding.PreferenceShardSampler (equal pair counts, balanced tokens). tp: every
-rank runs the whole batch with its slice of the LM head's vocabulary (fastdpo.parallel.shard_lm_head).
+rank runs the whole batch with its slice of the LM head's vocabulary (fastdpo.distributed.shard_lm_head).
 Each step packs the rank's pairs with shared prompts, accumulates gradients over --micro-batches and takes
 one AdamW step; rank 0 prints the loss averaged over ranks.
 """
@@ -20,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fastdpo.model import model_loss
 from fastdpo.packing import pack_pairs
-from fastdpo.parallel import shard_lm_head
+from fastdpo.distributed import shard_lm_head
 from fastdpo.sharding import PreferenceShardSampler, pair_token_lengths
 
 VOCAB = 128

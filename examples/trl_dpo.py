@@ -6,6 +6,7 @@ the rejected one is random words. Everything below is plain TRL except the impor
 
     python examples/trl_dpo.py --max-steps 40
     accelerate launch --num_processes 2 examples/trl_dpo.py   # multi-GPU / multi-process: the same script
+    torchrun --nproc_per_node 2 examples/trl_dpo.py --batch-size 8   # 2 CPU processes (gloo), global batch 16
 """
 import argparse
 import random
@@ -53,6 +54,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-steps", type=int, default=40)
     ap.add_argument("--pairs", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=16, help="pairs per process and step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output-dir", default="trl_dpo_output")
     args = ap.parse_args(argv)
@@ -66,9 +68,11 @@ def main(argv=None):
     ref_model.load_state_dict(model.state_dict())
 
     config = DPOConfig(
-        output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=16, learning_rate=3e-3,
+        output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
+        learning_rate=3e-3,
         beta=0.1, loss_type=["sigmoid"], logging_steps=max(1, args.max_steps // 10), report_to="none",
         save_strategy="no", seed=args.seed, bf16=torch.cuda.is_available(), disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),  # CPU: accelerate's MULTI_CPU (gloo); else each process trains alone
         shared_prompt=True,  # fastdpo: one copy of the prompt per pair (the default)
     )
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=build_dataset(args.pairs, args.seed),

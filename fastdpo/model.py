@@ -20,37 +20,12 @@ from typing import Any, NamedTuple
 import torch
 
 from .attention import eager_mask, mask_placeholder, packed_implementation, segment_plan
+from .distributed import HeadParameters, inner_module, is_vocab_parallel_head, parameter_rows, unwrap_causal_lm
 from .logps import SequenceLogps, sequence_logps
 from .packing import PackedBatch
-from .parallel import is_vocab_parallel_head
 
 __all__ = ["model_loss", "model_sequence_logps", "forward_hidden", "HeadInputs", "attention_inputs",
            "use_packed_attention", "logit_transforms", "unwrap_causal_lm"]
-
-
-def _inner_module(module: torch.nn.Module) -> torch.nn.Module | None:
-    """The module a wrapper runs: torch.compile's `_orig_mod`, DDP / DataParallel / DeepSpeed's `.module`."""
-    for name in ("_orig_mod", "module"):
-        inner = getattr(module, name, None)
-        if isinstance(inner, torch.nn.Module):
-            return inner
-    return None
-
-
-def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    """The Hugging Face causal LM inside `model`'s wrappers (torch.compile, DDP, DeepSpeed, PEFT's
-    `get_base_model()`). Only for reading config and modules: the forward is `model`'s own."""
-    lm = model
-    while True:
-        if callable(getattr(lm, "get_base_model", None)):  # PEFT PeftModel
-            lm = lm.get_base_model()
-        elif _inner_module(lm) is not None:
-            lm = _inner_module(lm)
-        else:
-            break
-    if not hasattr(lm, "get_output_embeddings"):
-        raise ValueError(f"{type(model).__name__} is not a Hugging Face causal LM (no get_output_embeddings())")
-    return lm
 
 
 def _text_config(lm):
@@ -141,7 +116,7 @@ def use_packed_attention(model: torch.nn.Module) -> None:
 
 def _check_ids(lm: torch.nn.Module, batch: PackedBatch, what: str) -> None:
     emb = lm.get_input_embeddings()
-    n_in = emb.weight.shape[0] if emb is not None else None
+    n_in = parameter_rows(emb.weight) if emb is not None else None
     ids = batch.input_ids
     if int(ids.min()) < 0:
         raise ValueError(f"input_ids contain a negative token id {int(ids.min())}")
@@ -165,29 +140,18 @@ class HeadInputs(NamedTuple):
     softcap: float | None
 
 
-def _full_parameter(param: torch.Tensor | None) -> torch.Tensor | None:
-    """A head parameter as one plain tensor: FSDP2 DTensor shards gathered (differentiably)."""
-    if param is None:
-        return None
-    if getattr(param, "ds_id", None) is not None:
-        raise NotImplementedError("DeepSpeed ZeRO-3 partitions the LM head weight, which the fused LM-head loss "
-                                  "reads outside the head's forward; use ZeRO-1/2 or FSDP2")
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return param
-    return param.full_tensor() if isinstance(param, DTensor) else param
-
-
 def forward_hidden(model: torch.nn.Module, batch: PackedBatch) -> HeadInputs:
     """Run `model(...)` (its outermost __call__) on a packed batch; return the LM head's inputs (HeadInputs).
 
     A forward pre-hook on the head module(s) records the last hidden states (final norm applied), the
     module that ran and the autocast dtype in force, and passes an empty slice on (one position for a vocabulary-parallel head).
+    The head's weight and bias are read by fastdpo.distributed.HeadParameters (FSDP2 shards gathered, DeepSpeed
+    ZeRO-3 partitions taken inside the head's forward).
     """
     lm = unwrap_causal_lm(model)
     leaves = _head_leaves(lm)
     _check_ids(lm, batch, "model")
+    parameters = HeadParameters(model, leaves)  # refuses, before the forward, what it could not read
     captured = []
 
     def capture(module, args):
@@ -205,7 +169,8 @@ def forward_hidden(model: torch.nn.Module, batch: PackedBatch) -> HeadInputs:
         attention = attention_inputs(lm, batch)
         batch = batch.to(lm.get_input_embeddings().weight.device)
         use_packed_attention(lm)
-        model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **attention)
+        with parameters:
+            model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **attention)
     finally:
         for handle in handles:
             handle.remove()
@@ -215,10 +180,7 @@ def forward_hidden(model: torch.nn.Module, batch: PackedBatch) -> HeadInputs:
     if hidden.shape[:2] != batch.input_ids.shape:
         raise RuntimeError(f"the LM head received hidden states of shape {tuple(hidden.shape)} for a batch of "
                            f"shape {tuple(batch.input_ids.shape)}")
-    if is_vocab_parallel_head(module):  # sharded on purpose: the vocabulary-parallel head reads the shards
-        weight, bias = module.weight, getattr(module, "bias", None)
-    else:
-        weight, bias = _full_parameter(module.weight), _full_parameter(getattr(module, "bias", None))
+    weight, bias = parameters.read(module)
     dtype = autocast or weight.dtype
     hidden = hidden.to(device=weight.device, dtype=dtype)
     return HeadInputs(hidden, weight.to(dtype), None if bias is None else bias.to(dtype), **logit_transforms(lm))
@@ -256,8 +218,8 @@ def model_sequence_logps(model: torch.nn.Module, batch: PackedBatch, **options) 
 def adapters_disabled(model):
     """PEFT adapters of `model` switched off (the base model: DPO's reference for adapter training)."""
     lm = model
-    while not hasattr(lm, "disable_adapter") and _inner_module(lm) is not None:  # DDP / compile around PEFT
-        lm = _inner_module(lm)
+    while not hasattr(lm, "disable_adapter") and inner_module(lm) is not None:  # DDP / compile around PEFT
+        lm = inner_module(lm)
     if hasattr(lm, "disable_adapter") and callable(lm.disable_adapter):  # PEFT PeftModel
         with lm.disable_adapter():
             yield

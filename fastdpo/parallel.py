@@ -57,37 +57,6 @@ def is_vocab_sharded(weight):
     return dtensor is not None and isinstance(weight, dtensor.DTensor)
 
 
-def shard_lm_head(model, mesh):
-    """Shard a Hugging Face causal LM's output layer along the vocabulary on the 1-D `mesh`, in place.
-
-    The lm_head becomes a ColwiseParallel module: its weight (and bias) are DTensor parameters with
-    placements (Shard(0),), which fastdpo.loss / fastdpo.model.model_loss route to the vocabulary-parallel
-    head; the model's own forward still returns full logits (gathered). The rest of the model is untouched
-    (replicated: every rank must run it on the same batch). Tied input/output embeddings are refused.
-    Returns `model`.
-    """
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
-
-    from .model import unwrap_causal_lm  # fastdpo.model imports this module (through logps)
-
-    lm = unwrap_causal_lm(model)
-    head, embedding = lm.get_output_embeddings(), lm.get_input_embeddings()
-    require(embedding is None or head.weight is not embedding.weight,
-             "the output embedding is tied to the input embedding (tie_word_embeddings=True); sharding it would "
-             "shard the input embedding too: untie it first")
-    name = next(name for name, module in lm.named_modules() if module is head)
-    parallelize_module(lm, mesh, {name: ColwiseParallel(output_layouts=Replicate())})
-    head.fastdpo_vocab_parallel = True
-    return model
-
-
-def is_vocab_parallel_head(module):
-    """True for an output layer sharded by shard_lm_head: read its DTensor weight as is (never full_tensor():
-    that would gather V x D on every rank, which the vocabulary-parallel head exists to avoid)."""
-    return getattr(module, "fastdpo_vocab_parallel", False)
-
-
 def _local_shard(name, tensor, mesh):
     """The local shard of a DTensor `tensor` with placements (Shard(0),) on `mesh` (differentiable)."""
     from torch.distributed.tensor import DTensor, Shard

@@ -5,9 +5,7 @@ about the same number of tokens (the per-rank token count decides the step time:
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
         for indices in sampler:                       # this rank's pair indices for one step
-            step = [pairs[i] for i in indices]
-            batch = pack_pairs(*([p[k] for p in step] for k in ("prompt_input_ids", "chosen_input_ids",
-                               "rejected_input_ids")), max_tokens=4096, shared_prompt=True)
+            batch = pack_rows([pairs[i] for i in indices], max_tokens=4096, shared_prompt=True)
 
 Each epoch the pair order is shuffled with seed + epoch (as torch's DistributedSampler), cut into global
 batches of pairs_per_rank x world_size pairs, and each global batch is split across ranks by a
@@ -16,21 +14,28 @@ room; ties to the lower rank), so the split is deterministic and the same on eve
 communication. Equal pair counts keep fastdpo.loss's per-rank mean over pairs, averaged by DDP/FSDP,
 equal to the global mean. A final global batch with fewer than pairs_per_rank x world_size pairs is left
 out of the epoch (with shuffling, a different one each epoch).
+
+Every rank must build its sampler from the same lengths, seed, pairs_per_rank and shuffle (otherwise ranks
+draw overlapping pairs): with an initialised process group the constructor compares them across ranks (one
+all_gather_object, so every rank must construct it) and raises on every rank if they differ.
+
+This module is data handling, beside fastdpo/packing.py (whose pair lengths and row parsing it uses).
 """
 from typing import Sequence
 
 import torch
 
-from .packing import pair_length
+from .packing import pair_length, rows_to_pairs
 
 __all__ = ["pair_token_lengths", "balanced_split", "PreferenceShardSampler"]
 
 
 def pair_token_lengths(pairs, *, shared_prompt=True):
-    """Tokens each pair occupies in a packed row; pairs are mappings with TRL's tokenized columns
-    prompt_input_ids, chosen_input_ids, rejected_input_ids."""
-    return [pair_length(len(p["prompt_input_ids"]), len(p["chosen_input_ids"]), len(p["rejected_input_ids"]),
-                        shared_prompt) for p in pairs]
+    """Tokens each pair occupies in a packed row; pairs as fastdpo.packing.rows_to_pairs takes them (TRL 1.16
+    rows prompt_ids / chosen_ids / rejected_ids, TRL < 1.0 names, (prompt, chosen, rejected) tuples, or a
+    datasets.Dataset)."""
+    return [pair_length(len(prompt), len(chosen), len(rejected), shared_prompt)
+            for prompt, chosen, rejected in zip(*rows_to_pairs(pairs))]
 
 
 def balanced_split(lengths: Sequence[int], num_ranks: int) -> list[list[int]]:
@@ -78,6 +83,24 @@ class PreferenceShardSampler(torch.utils.data.Sampler):
         if len(self.lengths) < self.global_batch:
             raise ValueError(f"the dataset has {len(self.lengths)} pairs, fewer than one global batch of "
                              f"pairs_per_rank x num_replicas = {self.global_batch}")
+        self._check_same_on_every_rank()
+
+    def _check_same_on_every_rank(self):
+        """With an initialised process group: raise on every rank unless all ranks drew the same sampler."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        mine = {"seed": self.seed, "shuffle": self.shuffle, "pairs_per_rank": self.pairs_per_rank,
+                "num_replicas": self.num_replicas, "lengths": hash(tuple(self.lengths))}
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        differing = sorted(k for k in mine if len({ranks[k] for ranks in everyone}) > 1)
+        if differing:
+            raise ValueError(f"PreferenceShardSampler: {', '.join(differing)} differ across ranks "
+                             f"({[{k: ranks[k] for k in differing} for ranks in everyone]} in rank order); every rank "
+                             f"must pass the same lengths, seed, pairs_per_rank and shuffle, or ranks draw "
+                             f"overlapping pairs")
 
     def set_epoch(self, epoch: int):
         """Reshuffle for `epoch` (call before iterating, on every rank with the same value)."""

@@ -15,13 +15,18 @@ against a single-process run of the same model on the whole global batch of 8 pr
   (pack_pairs(..., shared_prompt=True)) with a reference model, two micro-batches of gradient accumulation
   per rank (DDP no_sync / FSDP2 set_requires_gradient_sync(False) / accelerate's accumulate() on the first).
   ddp/fsdp2: each rank takes 4 of the 8 pairs; tp: both ranks take all 8 pairs, the policy's and the
-  reference's lm_head are sharded along the vocabulary (fastdpo.parallel.shard_lm_head -> DTensor Shard(0))
+  reference's lm_head are sharded along the vocabulary (fastdpo.distributed.shard_lm_head -> DTensor Shard(0))
   and go through the vocabulary-parallel op (its calls are counted); there the loss and every gradient must
   also be bitwise equal on both ranks and between two repeated runs, and model.forward's gathered logits
   equal the single-process logits.
 * ``vocab_parallel`` (tp): the op against a float64 single-process head (uneven shards V = 97 -> 49 + 48,
   logit transforms, bias, packed sequences, both head modes), large logits, no scored token, the reference
   path, the process_group= form, and refusals raised on both ranks together (no hang).
+
+FSDP2 modes: ``fsdp2`` (the head in the root group), ``fsdp2_head`` (the head in its own group, resharded after
+its forward), ``fsdp2_head_keep`` (reshard_after_forward=False), ``fsdp2_head_tied`` (tied embeddings, one
+group for embedding and head), ``fsdp2_lm_keep`` / ``fsdp2_lm`` (the head in a non-root group with the rest of
+the causal LM, reshard_after_forward False / True: the latter is refused). ``ddp`` also checks PreferenceShardSampler across ranks (``sampler``).
 
 ``--mode ddp,tp`` runs several engines in one launch (each launch costs ~10 s of start-up).
 
@@ -46,20 +51,21 @@ import torch.distributed as dist
 import fastdpo
 from fastdpo.model import model_loss
 from fastdpo.packing import pack_pairs
-from fastdpo.parallel import shard_lm_head, vocab_parallel_sequence_logps
+from fastdpo.distributed import shard_lm_head
+from fastdpo.parallel import vocab_parallel_sequence_logps
 from fastdpo.ref_cache import ReferenceCache
 
 VOCAB, GLOBAL_PAIRS, MICRO_BATCHES, BETA = 96, 8, 2, 0.1
 RTOL, ATOL = 1e-5, 1e-6  # fp32; gradient norm is ~1.7, entries up to ~0.3
 
 
-def tiny_llama(seed):
+def tiny_llama(seed, tied=False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False, attention_dropout=0.0, initializer_range=0.3,
+                      tie_word_embeddings=tied, attention_dropout=0.0, initializer_range=0.3,
                       attn_implementation="sdpa")
     return LlamaForCausalLM(cfg).float()
 
@@ -169,11 +175,17 @@ def wrap(mode, model, accelerator, mesh):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         return DDP(model), "module."
-    if mode == "fsdp2":
+    if mode.startswith("fsdp2"):
         from torch.distributed.fsdp import fully_shard
 
         for layer in model.lm.model.layers:
             fully_shard(layer)
+        head_group = {"fsdp2_head": [model.lm.lm_head], "fsdp2_head_keep": [model.lm.lm_head],
+                      "fsdp2_head_tied": [model.lm.model.embed_tokens, model.lm.lm_head]}.get(mode)
+        if head_group:  # the LM head in its own group (torchtitan-style), resharded after its forward or not
+            fully_shard(head_group, reshard_after_forward=mode != "fsdp2_head_keep")
+        if mode in ("fsdp2_lm", "fsdp2_lm_keep"):  # the head in a non-root group with the final norm
+            fully_shard(model.lm, reshard_after_forward=mode == "fsdp2_lm")
         return fully_shard(model), ""
     shard_lm_head(model.lm, mesh)  # lm_head.weight: DTensor Shard(0)
     return model, ""
@@ -187,7 +199,7 @@ def accumulation_context(mode, model, accelerator, sync):
         return accelerator.accumulate(model)
     if mode == "ddp" and not sync:
         return model.no_sync()
-    if mode == "fsdp2":
+    if mode.startswith("fsdp2"):
         model.set_requires_gradient_sync(sync)
     return contextlib.nullcontext()
 
@@ -228,6 +240,8 @@ def check_loss_forms(mode, pairs, ref_model):
     return results
 
 
+FSDP2_MODES = ("fsdp2", "fsdp2_head", "fsdp2_head_keep", "fsdp2_head_tied", "fsdp2_lm", "fsdp2_lm_keep")
+TIED_MODES = ("fsdp2_head_tied",)
 VOCAB_PARALLEL_CALLS = [0]  # calls fastdpo.logps routed to the vocabulary-parallel op (see count_vocab_parallel_calls)
 
 
@@ -247,8 +261,9 @@ def count_vocab_parallel_calls():
 def check_model_loss(mode, pairs, accelerator, mesh):
     """model_loss on packed shared-prompt micro-batches with gradient accumulation vs one single-process step."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    ref_model = tiny_llama(seed=1).eval().requires_grad_(False)
-    single = DPOPolicy(tiny_llama(seed=0))
+    tied = mode in TIED_MODES
+    ref_model = tiny_llama(seed=1, tied=tied).eval().requires_grad_(False)
+    single = DPOPolicy(tiny_llama(seed=0, tied=tied))
     single_loss = single(pack(pairs), "model_loss", ref_model)
     single_loss.backward()
     g_ref = full_grads(single, "")
@@ -262,7 +277,7 @@ def check_model_loss(mode, pairs, accelerator, mesh):
         local, dist_ref = pairs[rank * per_rank:(rank + 1) * per_rank], ref_model
     per_micro = len(local) // MICRO_BATCHES
     micro_batches = [pack(local[k * per_micro:(k + 1) * per_micro]) for k in range(MICRO_BATCHES)]
-    dist_model, prefix = wrap(mode, DPOPolicy(tiny_llama(seed=0)), accelerator, mesh)
+    dist_model, prefix = wrap(mode, DPOPolicy(tiny_llama(seed=0, tied=tied)), accelerator, mesh)
 
     def step():
         dist_model.zero_grad(set_to_none=True)
@@ -277,6 +292,13 @@ def check_model_loss(mode, pairs, accelerator, mesh):
             total += loss.detach() / MICRO_BATCHES
         return total, full_grads(dist_model, prefix)
 
+    if mode == "fsdp2_lm":  # refused before the forward, on every rank (it would free the norm for backward)
+        try:
+            step()
+            refusal = None
+        except ValueError as error:
+            refusal = str(error)
+        return {"mode": mode, "refusal": refusal, "ok": refusal is not None and "non-root FSDP2 group" in refusal}
     calls_before = VOCAB_PARALLEL_CALLS[0]
     loss, g_dist = step()
     from torch.distributed.tensor import DTensor
@@ -434,14 +456,33 @@ def check_vocab_parallel(mesh):
     return out
 
 
+def check_sampler_seeds(pairs):
+    """PreferenceShardSampler: the same seed on every rank gives disjoint shards covering the global batch; a
+    seed that differs by rank is refused on every rank at construction (before any step)."""
+    from fastdpo.sharding import PreferenceShardSampler, pair_token_lengths
+
+    lengths = pair_token_lengths(pairs)
+    mine = next(iter(PreferenceShardSampler(lengths, pairs_per_rank=GLOBAL_PAIRS // dist.get_world_size(), seed=3)))
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    try:
+        PreferenceShardSampler(lengths, pairs_per_rank=2, seed=dist.get_rank())
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
+    covered = sorted(i for shard in everyone for i in shard)
+    return {"ok": covered == list(range(GLOBAL_PAIRS)) and refusal is not None and "seed differ" in refusal,
+            "refusal": refusal, "shards": everyone}
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", required=True, help="comma-separated engines, run in turn: ddp, fsdp2, tp")
+    ap.add_argument("--mode", required=True, help="comma-separated engines, run in turn: ddp, tp, fsdp2*")
     ap.add_argument("--accelerate", action="store_true", help="prepare the ddp model with accelerate")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     modes = args.mode.split(",")
-    assert set(modes) <= {"ddp", "fsdp2", "tp"}, f"unknown mode in {args.mode!r}"
+    assert set(modes) <= {"ddp", "tp", *FSDP2_MODES}, f"unknown mode in {args.mode!r}"
     assert not args.accelerate or modes == ["ddp"], "the accelerate launch is checked with DDP"
     t0 = time.time()
     accelerator = None
@@ -475,6 +516,9 @@ def main():
         if mode == "tp":
             out["vocab_parallel"] = check_vocab_parallel(mesh)
             checks.append(out["vocab_parallel"])
+        if mode == "ddp" and not args.accelerate:
+            out["sampler"] = check_sampler_seeds(pairs)
+            checks.append(out["sampler"])
     ok = all(check["ok"] for check in checks)
     results["ok"], results["seconds"] = ok, time.time() - t0
     if dist.get_rank() == 0:

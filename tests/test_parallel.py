@@ -182,7 +182,7 @@ def test_shard_lm_head(mesh, tied):
     from torch.distributed.tensor import DTensor, Shard
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fastdpo.parallel import is_vocab_parallel_head, shard_lm_head
+    from fastdpo.distributed import is_vocab_parallel_head, shard_lm_head
 
     torch.manual_seed(0)
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -200,6 +200,30 @@ def test_shard_lm_head(mesh, tied):
     assert isinstance(weight, DTensor) and weight.placements == (Shard(0),) and is_vocab_parallel_head(lm.lm_head)
     assert not is_vocab_parallel_head(lm.model.embed_tokens)
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_model_path_refuses_unmanaged_dtensor_head_and_shard_lm_head_after_fully_shard(mesh):
+    """A DTensor head weight that neither FSDP2 nor shard_lm_head manages has no known gradient reduction;
+    shard_lm_head on a model FSDP2 already shards would fail inside torch: both get fastdpo's error."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastdpo.distributed import shard_lm_head
+    from fastdpo.model import model_sequence_logps
+    from fastdpo.packing import pack_pairs
+
+    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    lm = LlamaForCausalLM(config)
+    parallelize_module(lm, mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())})  # not shard_lm_head
+    batch = pack_pairs([[1, 2]], [[3, 4]], [[5]], max_tokens=16)
+    with pytest.raises(ValueError, match="neither FSDP2 .* nor fastdpo.distributed.shard_lm_head manages it"):
+        model_sequence_logps(lm, batch)
+    sharded = fully_shard(LlamaForCausalLM(config), mesh=mesh)
+    with pytest.raises(ValueError, match="shard_lm_head after fully_shard is not supported"):
+        shard_lm_head(sharded, mesh)
 
 
 def test_refusals(mesh):
@@ -305,4 +329,7 @@ def test_sampler_refusals_and_pair_lengths():
         PreferenceShardSampler([5] * 8, pairs_per_rank=2)
     pairs = [{"prompt_input_ids": [1] * 5, "chosen_input_ids": [2] * 3, "rejected_input_ids": [3] * 4}]
     assert pair_token_lengths(pairs) == [5 + 3 + 1 + 4]
+    trl_rows = [{"prompt_ids": p["prompt_input_ids"], "chosen_ids": p["chosen_input_ids"],
+                 "rejected_ids": p["rejected_input_ids"]} for p in pairs]  # TRL 1.16 names
+    assert pair_token_lengths(trl_rows) == pair_token_lengths([tuple(r.values()) for r in trl_rows]) == [13]
     assert pair_token_lengths(pairs, shared_prompt=False) == [2 * 5 + 3 + 4]
