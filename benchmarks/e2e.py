@@ -12,13 +12,19 @@ policy forward + backward and reference forward under no_grad, sigmoid loss (bet
   packed              fastdpo.trl.DPOTrainer(shared_prompt=False): packed rows, prompt once per sequence
   padded              fastdpo.loss (fused head) on TRL's padded batch, backbone called directly
   padded_full_logits  TRL's padded batch, full logits, fp32 log_softmax + gather
-(`packed` and `padded_full_logits` are not in a job's default layouts, to keep the CPU run short.)
+(`padded_full_logits` is not in a job's default layouts, to keep the CPU run short.)
 
 All layouts of one data set live in one worker process and are timed in interleaved rounds (the order rotates
 every round), so that machine load hits them alike; the step time is the median over rounds. Memory: peak
 resident (CUDA: allocated) memory of each step above the memory right before it (heap trimmed), so it covers
 activations, logits and gradients of that step. tokens/s counts the data's tokens (2 x prompt + chosen +
 rejected per pair, as TRL's attention mask does); `computed` is what the layout feeds the model.
+
+Attention work per step (`attention_gflop`: policy forward + backward (2x) + reference forward, 4 x hidden FLOPs
+per query-key entry per layer) counts what the layout's attention computes: padded rows pay rows x L^2 (SDPA
+with a padding mask), packed rows the sum over their segments (fastdpo.attention.attention_work:
+"segment_sdpa" on CPU, "segments" for a CUDA varlen kernel), next to `attention_gflop_dense_mask`, what a
+[T, T] mask per packed row cost before the segment plan.
 """
 from __future__ import annotations
 
@@ -35,13 +41,14 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 import fastdpo
 import fastdpo.trl
 import trl
+from fastdpo.attention import attention_work, segment_plan
 from fastdpo.packing import DATASET_SHAPES, synthetic_lengths
 
 from heads import BETA, DTYPES, IGNORE_INDEX, dpo_loss_fn, logits_logps
 from measure import MemoryMeter, _sync
 
 LAYOUTS = ("trl", "shared", "packed", "padded", "padded_full_logits")
-DEFAULT_LAYOUTS = ("trl", "shared", "padded")
+DEFAULT_LAYOUTS = ("trl", "shared", "packed", "padded")
 LAYOUT_LABELS = {
     "trl": "TRL 1.16 DPOTrainer.training_step (padded 2B rows, TRL's chunked fused head)",
     "shared": "fastdpo.trl.DPOTrainer.training_step (packed, shared prompts)",
@@ -114,6 +121,18 @@ def make_trainer(trainer_cls, config_cls, policy, ref, dataset, tokenizer, prese
                        processing_class=tokenizer)
 
 
+def attention_gflop(batch, preset: dict, device: str) -> dict:
+    """Attention FLOPs of one training step (see the module docstring) for a fastdpo batch ({"packed": ...}) or
+    a padded one ({"input_ids": [rows, L]})."""
+    per_entry = 4 * 4 * preset["hidden"] * preset["layers"] / 1e9  # 3 passes (backward 2x), QK^T + PV, 2 FLOPs
+    if "packed" not in batch:
+        rows, length = batch["input_ids"].shape
+        return {"attention_gflop": per_entry * rows * length ** 2}
+    work = attention_work(segment_plan(batch["packed"], "cpu"))
+    return {"attention_gflop": per_entry * work["segments" if device == "cuda" else "segment_sdpa"],
+            "attention_gflop_dense_mask": per_entry * work["dense_mask"]}
+
+
 def trainer_step(trainer):
     """(step() -> loss, tokens fed to the model) for trainer.training_step on the trainer's first batch."""
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
@@ -168,17 +187,20 @@ def run_e2e_job(job: dict) -> dict:
     trl_trainer = (make_trainer(trl.DPOTrainer, trl.DPOConfig, policy, ref, dataset, tokenizer, preset, device,
                                 out_dir) if needs_trl else None)
     trl_batch = trainer_step(trl_trainer)[2] if needs_trl else None
-    steps, results = {}, {}
+    steps, results, flops = {}, {}, {}
     for layout in layouts:
         try:
             if layout == "trl":
                 steps[layout] = trainer_step(trl_trainer)[:2]
+                flops[layout] = attention_gflop(trl_batch, preset, device)
             elif layout in ("shared", "packed"):
                 trainer = make_trainer(fastdpo.trl.DPOTrainer, fastdpo.trl.DPOConfig, policy, ref, dataset, tokenizer,
                                        preset, device, out_dir, shared_prompt=(layout == "shared"))
-                steps[layout] = trainer_step(trainer)[:2]
+                step, computed, batch = trainer_step(trainer)
+                steps[layout], flops[layout] = (step, computed), attention_gflop(batch, preset, device)
             else:
                 steps[layout] = padded_step(trl_trainer, trl_batch, layout == "padded_full_logits")
+                flops[layout] = attention_gflop(trl_batch, preset, device)
         except Exception as e:  # reported: one failing layout must not stop the others
             results[layout] = {"status": "error", "note": f"{type(e).__name__}: {e}"[:300]}
     del policy, ref
@@ -217,7 +239,8 @@ def run_e2e_job(job: dict) -> dict:
         results[layout] = {"status": "ok", "ms": ms, "times_ms": times[layout], "peak_mb": peaks[layout],
                            "memory_method": meter.method, "loss": losses[layout],
                            "pairs_per_s": preset["pairs"] / (ms / 1e3), "tokens_per_s": data_tokens / (ms / 1e3),
-                           "computed_tokens": steps[layout][1], "fill": data_tokens / steps[layout][1]}
+                           "computed_tokens": steps[layout][1], "fill": data_tokens / steps[layout][1],
+                           **flops[layout]}
     if _ok(results.get("trl")):
         for r in results.values():
             if _ok(r):

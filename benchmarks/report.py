@@ -177,7 +177,7 @@ def e2e_table(e2e) -> str:
     rows = []
     for ds, res in e2e.get("datasets", {}).items():
         if not _ok(res):
-            rows.append([ds, "—", res.get("status", "?"), res.get("note", ""), "", "", "", "", ""])
+            rows.append([ds, "—", res.get("status", "?"), res.get("note", ""), "", "", "", "", "", ""])
             continue
         base_name = res.get("baseline", "trl")
         base = res["layouts"].get(base_name)
@@ -186,17 +186,20 @@ def e2e_table(e2e) -> str:
             if r is None:
                 continue
             if not _ok(r):
-                rows.append([ds, layout, r.get("status"), r.get("note", ""), "", "", "", "", ""])
+                rows.append([ds, layout, r.get("status"), r.get("note", ""), "", "", "", "", "", ""])
                 continue
             times = r.get("times_ms") or [r["ms"]]
             spread = f"{_fmt(min(times))}–{_fmt(max(times))}"
             ratio = f"{r['ms'] / base['ms']:.2f}x / {r['peak_mb'] / max(base['peak_mb'], 1e-9):.2f}x" if _ok(base) else "—"
             err = f"{_rel_diff(r['loss'], base['loss']):.1e}" if _ok(base) else "—"
+            attn = f"{r['attention_gflop']:.2f}" if "attention_gflop" in r else "—"
+            if "attention_gflop_dense_mask" in r:
+                attn += f" ({r['attention_gflop_dense_mask']:.2f})"
             rows.append([ds, layout, f"{_fmt(r['ms'])} ({spread})", f"{r['peak_mb']:.0f}", f"{r['tokens_per_s']:.0f}",
-                         f"{r['computed_tokens']} ({r['computed_tokens'] / res['data_tokens']:.2f})", ratio, err,
+                         f"{r['computed_tokens']} ({r['computed_tokens'] / res['data_tokens']:.2f})", attn, ratio, err,
                          len(times)])
     return md_table(["data set", "layout", "ms / step (min–max)", "peak MB", "tokens/s", "tokens computed (/ data)",
-                     "time / memory vs TRL", "loss diff vs TRL", "rounds"], rows)
+                     "attention GFLOP / step (dense mask)", "time / memory vs TRL", "loss diff vs TRL", "rounds"], rows)
 
 
 def e2e_shapes(e2e) -> str:

@@ -19,13 +19,13 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .attention import bool_mask, eager_mask, flash_attn_varlen_kwargs, flex_block_mask
+from .attention import eager_mask, mask_placeholder, packed_implementation, segment_plan
 from .distributed import HeadParameters, inner_module, is_vocab_parallel_head, parameter_rows, unwrap_causal_lm
 from .logps import SequenceLogps, sequence_logps
 from .packing import PackedBatch
 
 __all__ = ["model_loss", "model_sequence_logps", "forward_hidden", "HeadInputs", "attention_inputs",
-           "logit_transforms", "unwrap_causal_lm"]
+           "use_packed_attention", "logit_transforms", "unwrap_causal_lm"]
 
 
 def _text_config(lm):
@@ -60,55 +60,58 @@ def _head_leaves(lm: torch.nn.Module) -> list[torch.nn.Module]:
     return leaves
 
 
+def _attn_implementation(lm: torch.nn.Module) -> str:
+    cfg = _text_config(lm)
+    impl = getattr(cfg, "_attn_implementation", None) or getattr(lm.config, "_attn_implementation", None)
+    return impl or "eager"
+
+
 def attention_inputs(model: torch.nn.Module, batch: PackedBatch) -> dict[str, Any]:
     """Keyword arguments describing the packed attention for the model's attention implementation.
 
-    Transformers returns a 4-D attention_mask untouched (masking_utils._preprocess_mask_arguments), so:
-    sdpa -> boolean mask (True = attend); eager -> additive float mask (eager *adds* the mask to the
-    scores, a boolean mask would be silently wrong); flex_attention -> BlockMask; flash-attention ->
-    no mask, varlen cu_seqlens over the flattened rows (non-shared layout only).
-
-    A custom mask also bypasses transformers' sliding-window masks, so sliding windows are applied here:
-    models with ``config.layer_types`` get a {layer_type: mask} mapping (Gemma 2/3, Qwen2, ...), models
-    with a global ``config.sliding_window`` (Mistral) get a windowed mask.
+    sdpa, flash-attention and flex_attention: {"attention_mask": a stride-0 placeholder, "fastdpo_segments":
+    the batch's SegmentPlan}, for the packed attention of that kernel family (``fastdpo.attention``), which the
+    model must use (:func:`use_packed_attention`; ``forward_hidden`` does). No mask is built: attention costs
+    the sum over the batch's segments. eager: the dense additive ``[R, 1, T, T]`` mask (eager *adds* the mask
+    to the scores), the reference; a custom 4-D mask bypasses transformers' sliding-window masks, so models with
+    ``config.layer_types`` get a {layer_type: mask} mapping (Gemma 2/3, Qwen2, ...), models with a global
+    ``config.sliding_window`` (Mistral) a windowed mask. The packed attentions take each layer's window from
+    the layer itself.
     """
     lm = unwrap_causal_lm(model)
     cfg = _text_config(lm)
-    impl = getattr(cfg, "_attn_implementation", None) or getattr(lm.config, "_attn_implementation", None)
-    impl = impl or "eager"
+    impl = _attn_implementation(lm)
     emb = lm.get_input_embeddings().weight
+    layer_types = getattr(cfg, "layer_types", None) or ()
+    unknown = set(layer_types) - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise ValueError(f"layer types {sorted(unknown)} are not supported for packed batches")
+    if impl != "eager":
+        packed_implementation(impl)  # raises for an implementation it cannot serve
+        plan = segment_plan(batch, emb.device)
+        return {"attention_mask": mask_placeholder(plan, emb.device), "fastdpo_segments": plan}
     batch = batch.to(emb.device)
-    if "flash" in impl:  # flash-attn applies sliding windows itself
-        return {"attention_mask": None, **flash_attn_varlen_kwargs(batch, hf_names=True)}  # raises if shared
-    if impl == "sdpa":
-        make = lambda w: bool_mask(batch, w)  # noqa: E731
-    elif impl == "eager":
-        dtype = emb.dtype if emb.dtype.is_floating_point else torch.float32
-        make = lambda w: eager_mask(batch, dtype, w)  # noqa: E731
-    elif impl == "flex_attention":
-        make = lambda w: flex_block_mask(batch, sliding_window=w)  # noqa: E731
-    else:
-        raise ValueError(
-            f"attn_implementation={impl!r} is not supported for packed batches; use 'sdpa', 'eager', "
-            "'flex_attention' or a flash-attention implementation"
-        )
+    dtype = emb.dtype if emb.dtype.is_floating_point else torch.float32
     window = getattr(cfg, "sliding_window", None)
     if getattr(cfg, "use_sliding_window", True) is False:
         window = None
-    layer_types = getattr(cfg, "layer_types", None)
-    if layer_types:
-        supported = {"full_attention", "sliding_attention"}
-        unknown = set(layer_types) - supported
-        if unknown:
-            raise ValueError(f"layer types {sorted(unknown)} are not supported for packed batches")
-        if "sliding_attention" in layer_types:
-            if window is None:
-                raise ValueError("config.layer_types has sliding_attention layers but no sliding_window")
-            mapping = {"full_attention": make(None)} if "full_attention" in layer_types else {}
-            mapping["sliding_attention"] = make(window)
-            return {"attention_mask": mapping}
-        return {"attention_mask": make(None)}
-    return {"attention_mask": make(window)}
+    if "sliding_attention" in layer_types:
+        if window is None:
+            raise ValueError("config.layer_types has sliding_attention layers but no sliding_window")
+        mapping = {"full_attention": eager_mask(batch, dtype)} if "full_attention" in layer_types else {}
+        mapping["sliding_attention"] = eager_mask(batch, dtype, window)
+        return {"attention_mask": mapping}
+    return {"attention_mask": eager_mask(batch, dtype, None if layer_types else window)}
+
+
+def use_packed_attention(model: torch.nn.Module) -> None:
+    """Switch the model's (text) attention to fastdpo's packed attention of its implementation X ("fastdpo|X":
+    ``fastdpo.attention``), for good: the switch must outlive the forward, since gradient checkpointing reruns
+    it during backward. Calls without a segment plan (generation, evaluation) still run X itself. eager stays."""
+    lm = unwrap_causal_lm(model)
+    impl = _attn_implementation(lm)
+    if impl != "eager":
+        _text_config(lm)._attn_implementation = packed_implementation(impl)
 
 
 def _check_ids(lm: torch.nn.Module, batch: PackedBatch, what: str) -> None:
@@ -163,10 +166,11 @@ def forward_hidden(model: torch.nn.Module, batch: PackedBatch) -> HeadInputs:
 
     handles = [leaf.register_forward_pre_hook(capture) for leaf in leaves]
     try:
+        attention = attention_inputs(lm, batch)
         batch = batch.to(lm.get_input_embeddings().weight.device)
+        use_packed_attention(lm)
         with parameters:
-            model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-                  **attention_inputs(lm, batch))
+            model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **attention)
     finally:
         for handle in handles:
             handle.remove()

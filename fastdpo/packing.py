@@ -25,7 +25,9 @@ Input rows: ``pack_pairs`` takes three lists of token ids; ``pack_rows`` and ``P
 ``chosen_input_ids`` / ``rejected_input_ids``, ``(prompt, chosen, rejected)`` tuples, or a
 ``datasets.Dataset`` with those columns.
 
-Whole pairs are placed into rows of at most ``max_tokens`` tokens by first-fit-decreasing bin packing.
+Whole pairs are placed into rows of at most ``max_tokens`` tokens by first-fit-decreasing bin packing (by
+default one row: attention costs the sum over segments, ``fastdpo.attention``). ``group_prompts=True`` lets
+pairs with one prompt share it: ``[prompt[:-1]] [p c_1] [p r_1] [p c_2] [p r_2] ...``.
 Labels follow the Hugging Face unshifted convention (``-100`` on prompt, the repeated token and padding)
 and ``seq_ids`` follow the TRL numbering (chosen of pair i -> i, rejected -> B + i, -1 elsewhere), so
 ``fastdpo.sequence_logps(..., shift=True)`` / ``fastdpo.loss`` score every response token from the
@@ -76,6 +78,7 @@ BRANCH_PAD = -1
 BRANCH_CONTEXT = 0  # visible to every later token of its block (prompt[:-1] in the shared layout)
 BRANCH_CHOSEN = 1  # last prompt token + chosen response (shared layout); whole sequence otherwise
 BRANCH_REJECTED = 2  # repeated last prompt token + rejected response (shared layout)
+# grouped prompts: pair j of a group has branches BRANCH_CHOSEN + 2j and BRANCH_REJECTED + 2j
 
 
 class PackingWarning(UserWarning):
@@ -102,6 +105,7 @@ class PackingReport:
     shared_prompt: bool
     real_tokens: int  # non-padding tokens
     truncated: list[TruncationEvent] = field(default_factory=list)
+    prompt_tokens_saved: int = 0  # group_prompts: prompt tokens not repeated, against one prompt copy per pair
 
     @property
     def total_tokens(self) -> int:
@@ -121,6 +125,8 @@ class PackingReport:
             f"{self.num_rows} rows x {self.row_length} tokens (max_tokens={self.max_tokens}), "
             f"{self.real_tokens} real tokens, fill {self.fill:.1%}"
         )
+        if self.prompt_tokens_saved:
+            s += f"; {self.prompt_tokens_saved} prompt tokens saved by grouping pairs with one prompt"
         if self.truncated:
             s += f"; {len(self.truncated)} pairs truncated: " + "; ".join(map(str, self.truncated[:5]))
             if len(self.truncated) > 5:
@@ -206,7 +212,7 @@ def _truncate(p, c, r, i, max_tokens, shared, policy):
     """Return (p, c, r, event|None) fitting max_tokens under `policy`, or raise ValueError."""
     P, C, R = len(p), len(c), len(r)
     n = pair_length(P, C, R, shared)
-    if n <= max_tokens:
+    if max_tokens is None or n <= max_tokens:
         return p, c, r, None
     layout = "shared-prompt" if shared else "separate-prompt"
     detail = f"pair {i} needs {n} tokens ({layout} layout: prompt {P}, chosen {C}, rejected {R}) > max_tokens={max_tokens}"
@@ -244,10 +250,13 @@ def _truncate(p, c, r, i, max_tokens, shared, policy):
 
 
 def check_pack_options(*, max_tokens, shared_prompt, truncation, pad_token_id, pad_to_multiple_of, ignore_index,
-                       vocab_size):
+                       vocab_size, group_prompts=False):
     """The options of pack_pairs (TypeError / ValueError naming the option)."""
-    check_int("max_tokens", max_tokens, minimum=4)
+    check_int("max_tokens", max_tokens, minimum=4, optional=True)
     check_bool("shared_prompt", shared_prompt)
+    check_bool("group_prompts", group_prompts)
+    require(shared_prompt or not group_prompts, "group_prompts=True needs shared_prompt=True (one prompt copy per "
+                                                "group); the separate layout repeats the prompt per sequence")
     check_choice("truncation", truncation, TRUNCATION_POLICIES)
     check_int("pad_to_multiple_of", pad_to_multiple_of, minimum=1, optional=True)
     check_int("vocab_size", vocab_size, minimum=1, optional=True)
@@ -303,8 +312,9 @@ def pack_pairs(
     chosen: Sequence[Sequence[int]],
     rejected: Sequence[Sequence[int]],
     *,
-    max_tokens: int,
+    max_tokens: int | None = None,
     shared_prompt: bool = True,
+    group_prompts: bool = False,
     truncation: str = "error",
     pad_token_id: int = 0,
     pad_to_multiple_of: int | None = None,
@@ -314,14 +324,19 @@ def pack_pairs(
 ) -> PackedBatch:
     """Pack B preference pairs (token-id lists) into rows of at most ``max_tokens`` tokens.
 
+    ``max_tokens=None`` (default): one row holding every pair, no padding at all (attention costs the sum over
+    segments, not the square of the row: ``fastdpo.attention``; only eager attention, the dense reference,
+    pays rows x T^2). ``group_prompts=True`` (shared layout): pairs with an identical prompt share one block
+    ``[prompt[:-1]] [p c_1] [p r_1] [p c_2] [p r_2] ...`` (p: the last prompt token, repeated per response),
+    each response attending to the prompt and itself; ``report.prompt_tokens_saved`` counts the tokens saved.
     Returns a :class:`PackedBatch`; ``batch.report`` says how the pairs were packed and which were truncated
     (truncation also emits a :class:`PackingWarning`). Row length T is the longest row, rounded up to
-    ``pad_to_multiple_of``. Pairs are never split across rows. ``ignore_index`` (the label of positions with
-    no target) must be negative, so that it can never equal a token id.
+    ``pad_to_multiple_of``. Pairs (and prompt groups) are never split across rows. ``ignore_index`` (the label of
+    positions with no target) must be negative, so that it can never equal a token id.
     """
     check_pack_options(max_tokens=max_tokens, shared_prompt=shared_prompt, truncation=truncation,
                        pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of, ignore_index=ignore_index,
-                       vocab_size=vocab_size)
+                       vocab_size=vocab_size, group_prompts=group_prompts)
     if not (len(prompts) == len(chosen) == len(rejected)):
         raise ValueError(
             f"prompts, chosen and rejected must have the same length, got {len(prompts)}, {len(chosen)}, {len(rejected)}"
@@ -347,10 +362,24 @@ def pack_pairs(
             stacklevel=2,
         )
 
+    if group_prompts:  # pairs with one prompt (after truncation) share one block
+        by_prompt: dict[tuple, list[int]] = {}
+        for k, (p, _, _) in enumerate(pairs):
+            by_prompt.setdefault(tuple(p), []).append(k)
+        items = list(by_prompt.values())
+    else:
+        items = [[k] for k in range(B)]
     lengths = [pair_length(len(p), len(c), len(r), shared_prompt) for p, c, r in pairs]
-    bins = balanced_bins(lengths, max_tokens)
+    # a group of n pairs holds its prompt context (P - 1 tokens) once instead of n times
+    item_lengths = [sum(lengths[k] for k in item) - (len(item) - 1) * (len(pairs[item[0]][0]) - 1) for item in items]
+    budget = sum(item_lengths) if max_tokens is None else max_tokens
+    if max(item_lengths) > budget:
+        k = item_lengths.index(max(item_lengths))
+        raise ValueError(f"the {len(items[k])} pairs of prompt group {k} need {item_lengths[k]} tokens > "
+                         f"max_tokens={max_tokens}; raise max_tokens or pass group_prompts=False")
+    bins = balanced_bins(item_lengths, budget)  # rows of item indices
     R_ = len(bins)
-    T = max(sum(lengths[k] for k in b) for b in bins)
+    T = max(sum(item_lengths[i] for i in b) for b in bins)
     if pad_to_multiple_of:
         T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
 
@@ -371,25 +400,28 @@ def pack_pairs(
         lab[row][t:t + n] = labels
         sid[row][t:t + n] = [seq if l != ignore_index else -1 for l in labels]
         seg[row][t:t + n] = [segment] * n
-        br[row][t:t + n] = branch if isinstance(branch, list) else [branch] * n
+        br[row][t:t + n] = [branch] * n
         return t + n
 
     for row, b in enumerate(bins):
         t = 0
-        for k in b:
-            pair_rows[k] = row
-            p, c, r = pairs[k]
-            P, C, R = len(p), len(c), len(r)
-            if shared_prompt:
-                t = put(row, t, p, list(range(P)), [ignore_index] * P, -1, n_seg,
-                        [BRANCH_CONTEXT] * (P - 1) + [BRANCH_CHOSEN])
-                t = put(row, t, c, list(range(P, P + C)), c, k, n_seg, BRANCH_CHOSEN)
-                t = put(row, t, [p[-1]], [P - 1], [ignore_index], -1, n_seg, BRANCH_REJECTED)
-                t = put(row, t, r, list(range(P, P + R)), r, B + k, n_seg, BRANCH_REJECTED)
-                seg_lens.append(P + C + 1 + R)
+        for item in (items[i] for i in b):
+            start = t
+            p = pairs[item[0]][0]
+            P = len(p)
+            if shared_prompt:  # [prompt[:-1]] then, per pair j, [last prompt token + chosen][its copy + rejected]
+                t = put(row, t, p[:-1], list(range(P - 1)), [ignore_index] * (P - 1), -1, n_seg, BRANCH_CONTEXT)
+                for j, k in enumerate(item):
+                    pair_rows[k] = row
+                    for resp, s, branch in ((pairs[k][1], k, BRANCH_CHOSEN), (pairs[k][2], B + k, BRANCH_REJECTED)):
+                        t = put(row, t, [p[-1]] + resp, list(range(P - 1, P + len(resp))),
+                                [ignore_index] + resp, s, n_seg, branch + 2 * j)
+                seg_lens.append(t - start)
                 n_seg += 1
             else:
-                for resp, s in ((c, k), (r, B + k)):
+                (k,) = item
+                pair_rows[k] = row
+                for resp, s in ((pairs[k][1], k), (pairs[k][2], B + k)):
                     t = put(row, t, p + resp, list(range(P + len(resp))),
                             [ignore_index] * P + resp, s, n_seg, BRANCH_CHOSEN)
                     seg_lens.append(P + len(resp))
@@ -400,7 +432,7 @@ def pack_pairs(
             seg_lens.append(T - t)
 
     kw = dict(dtype=torch.long, device=device)
-    cu = torch.tensor([0] + seg_lens, dtype=torch.int64).cumsum(0).to(torch.int32)
+    cu = torch.tensor([0] + seg_lens, dtype=torch.int64, device="cpu").cumsum(0).to(torch.int32)
     assert int(cu[-1]) == R_ * T
     batch = PackedBatch(
         input_ids=torch.tensor(ids, **kw),
@@ -415,8 +447,8 @@ def pack_pairs(
         shared_prompt=shared_prompt,
         pair_rows=pair_rows,
         report=PackingReport(
-            num_pairs=B, num_rows=R_, row_length=T, max_tokens=max_tokens, shared_prompt=shared_prompt,
-            real_tokens=sum(lengths), truncated=events,
+            num_pairs=B, num_rows=R_, row_length=T, max_tokens=budget, shared_prompt=shared_prompt,
+            real_tokens=sum(item_lengths), truncated=events, prompt_tokens_saved=sum(lengths) - sum(item_lengths),
         ),
         ignore_index=ignore_index,
     )
@@ -571,11 +603,11 @@ class PairCollator:
     The options are those of :func:`pack_pairs` (checked here, once); rows as :func:`pack_rows` takes them.
     """
 
-    def __init__(self, *, max_tokens: int, shared_prompt: bool = True, truncation: str = "error",
-                 pad_token_id: int = 0, pad_to_multiple_of: int | None = None, ignore_index: int = -100,
-                 vocab_size: int | None = None):
-        self.options = dict(max_tokens=max_tokens, shared_prompt=shared_prompt, truncation=truncation,
-                            pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of,
+    def __init__(self, *, max_tokens: int | None = None, shared_prompt: bool = True, group_prompts: bool = False,
+                 truncation: str = "error", pad_token_id: int = 0, pad_to_multiple_of: int | None = None,
+                 ignore_index: int = -100, vocab_size: int | None = None):
+        self.options = dict(max_tokens=max_tokens, shared_prompt=shared_prompt, group_prompts=group_prompts,
+                            truncation=truncation, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of,
                             ignore_index=ignore_index, vocab_size=vocab_size)
         check_pack_options(**self.options)
 

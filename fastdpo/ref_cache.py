@@ -61,7 +61,7 @@ import torch
 
 from . import __version__
 from .model import model_sequence_logps
-from .packing import pack_pairs, pair_length, pair_parts
+from .packing import pack_pairs, pair_parts
 from .validate import check_bool, check_int, require
 
 __all__ = [
@@ -222,17 +222,15 @@ def make_compute_fn(model: torch.nn.Module, *, pad_token_id: int = 0
                     ) -> Callable[[Sequence[Any]], "tuple[torch.Tensor, torch.Tensor]"]:
     """compute_fn for a Hugging Face causal LM.
 
-    Packs the batch's pairs with :func:`fastdpo.packing.pack_pairs` (shared prompt, rows long enough for the
-    longest pair) and scores them with :func:`fastdpo.model.model_sequence_logps` under ``torch.no_grad``
+    Packs the batch's pairs with :func:`fastdpo.packing.pack_pairs` (shared prompt, one row: attention costs
+    the sum over the pairs' segments) and scores them with :func:`fastdpo.model.model_sequence_logps` under ``torch.no_grad``
     (fused hidden/LM-head form, logits never materialised; config logit transforms applied). Returns float32
     (chosen [b], rejected [b]) sums on the CPU. Train/eval mode is left to the caller (use eval for a reference).
     """
 
     def compute(batch_pairs: Sequence[Any]):
         prompts, chosen, rejected = zip(*(_split_pair(p) for p in batch_pairs))
-        longest = max(pair_length(len(p), len(c), len(r), True) for p, c, r in zip(prompts, chosen, rejected))
-        batch = pack_pairs(prompts, chosen, rejected, shared_prompt=True, max_tokens=max(longest, 4),
-                           pad_token_id=pad_token_id)
+        batch = pack_pairs(prompts, chosen, rejected, shared_prompt=True, pad_token_id=pad_token_id)
         with torch.no_grad():
             logps = model_sequence_logps(model, batch).logps.float().cpu()
         b = len(batch_pairs)

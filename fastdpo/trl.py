@@ -70,8 +70,9 @@ class DPOConfig(trl.DPOConfig):
                           "False: [prompt][chosen] and [prompt][rejected] side by side. Both are padding-free."})
     max_tokens_per_row: int | None = field(
         default=None,
-        metadata={"help": "Token budget of a packed row. None: the batch's longest pair, so that dense attention "
-                          "masks cost no more than the padded layout (attention is quadratic in the row)."})
+        metadata={"help": "Token budget of a packed row. None: one row per batch, no padding at all (attention "
+                          "costs the sum over the pairs' segments, not the square of the row; only eager attention, "
+                          "the dense reference, pays rows x row_length^2: set a budget there)."})
     token_metrics: bool = field(
         default=True,
         metadata={"help": "Log TRL's `entropy` and `mean_token_accuracy` (from the LM head's own row pass: no "
@@ -259,7 +260,7 @@ class DataCollatorForPackedPreference:
                 live += [(True, False), (False, True)]
             owners += [i] * (len(entries) - len(owners))
         lengths = [pair_length(len(p), len(c), len(r), self.shared_prompt) for p, c, r in entries]
-        budget = max(lengths) if self.max_tokens_per_row is None else self.max_tokens_per_row
+        budget = sum(lengths) if self.max_tokens_per_row is None else self.max_tokens_per_row  # None: one row
         too_long = [k for k, n in enumerate(lengths) if n > budget]
         if too_long:
             k = too_long[0]
@@ -267,7 +268,7 @@ class DataCollatorForPackedPreference:
                 f"max_tokens_per_row={budget}: pair {owners[k]} of this batch needs {lengths[k]} tokens "
                 f"({'shared' if self.shared_prompt else 'separate'}-prompt layout: prompt {len(entries[k][0])}, "
                 f"chosen {len(entries[k][1])}, rejected {len(entries[k][2])}); raise DPOConfig.max_tokens_per_row, "
-                f"set it to None (each batch's longest pair) or lower DPOConfig.max_length")
+                f"set it to None (one row per batch) or lower DPOConfig.max_length")
         batch = pack_pairs(*zip(*entries), max_tokens=budget, shared_prompt=self.shared_prompt,
                            pad_token_id=self.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of)
         E, B = len(entries), len(sequences)
@@ -627,7 +628,7 @@ class DPOTrainer(trl.DPOTrainer):
                 f"DPOConfig.max_tokens_per_row={budget} is smaller than pair {over[0] if len(over) else ''} of "
                 f"the {name} dataset, which needs {needed[over[0]] if len(over) else ''} tokens "
                 f"({'shared' if shared else 'separate'}-prompt layout, after max_length truncation); raise "
-                f"max_tokens_per_row, set it to None (each batch's longest pair) or lower max_length")
+                f"max_tokens_per_row, set it to None (one row per batch) or lower max_length")
 
     # -- token accounting: TRL's padded batch, which Trainer would measure on input_ids ------------------------
 

@@ -32,6 +32,8 @@ from the start) the remaining rows are recorded as skipped. Sections, in order (
   nan_logits      a NaN hidden row: only its sequence turns NaN; fastdpo.loss refuses it
   determinism     two identical runs per mode, bitwise
   cuda_graph      capture of one head step in a CUDA graph, replayed against eager (a failure is recorded)
+  packed_attention  the packed-batch attention (CUDA: one varlen call) against SDPA with a dense [T, T] mask:
+                  output and q/k/v gradient errors, fwd + bwd times; plain, sliding window, softcap
 A section is a function (cfg) -> [(row name, row function)]; a row function returns a dict (`ok`: False
 marks a failed check). Adding a section is one line in SECTIONS. --smoke numbers are CPU/interpreter
 numbers, labelled so, never GPU figures; --smoke also sets torch's default device to "meta", so any tensor
@@ -823,6 +825,82 @@ def determinism(cfg):
     return [(f"mode={mode}", mode_row(mode)) for mode in ("logits",) + MODES]
 
 
+def packed_attention(cfg):
+    """fastdpo.attention's packed path (CUDA: one varlen call per layer; CPU: per-segment SDPA) against SDPA with the
+    dense [R, 1, T, T] mask on one shared-layout batch (8 pairs, UltraFeedback-like lengths, GQA): plain, sliding
+    window, softcap (flash-attn only). Output and q/k/v gradient errors, fwd + bwd times of both."""
+    import torch
+    import torch.nn.functional as F
+
+    from fastdpo.attention import attention_work, bool_mask, segment_plan, segment_varlen, varlen_kernel
+    from fastdpo.packing import pack_pairs
+
+    device, smoke = cfg["device"], cfg["smoke"]
+    prompt, response, heads, kv_heads, head_dim = (12, 20, 4, 2, 16) if smoke else (168, 400, 32, 8, 128)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    built = {}
+
+    def problem():  # built by the first row that runs (listing the rows touches no device)
+        if not built:
+            g = torch.Generator("cpu").manual_seed(0)
+            lengths = lambda n: torch.randint(n // 2, 3 * n // 2, (8,), generator=g, device="cpu").tolist()  # noqa: E731
+            batch = pack_pairs([[1] * n for n in lengths(prompt)], [[2] * n for n in lengths(response)],
+                               [[3] * n for n in lengths(response)], shared_prompt=True, device=device)
+            R, T = batch.input_ids.shape
+            gd = generator(device, 1)
+            q, k, v = (torch.randn(R * T, h, head_dim, generator=gd, device=device, dtype=dtype).requires_grad_()
+                       for h in (heads, kv_heads, kv_heads))
+            upstream = torch.randn(R * T, heads, head_dim, generator=gd, device=device, dtype=dtype)
+            kernel = varlen_kernel(torch.device(device))
+            path = "per-segment SDPA" if kernel is None else kernel.__name__.strip("_").replace("_kernel", "")
+            built.update(batch=batch, plan=segment_plan(batch), R=R, T=T, q=q, k=k, v=v, upstream=upstream, path=path)
+        return built
+
+    def dense(p, window, softcap):  # SDPA on the dense mask; softcap in float32 math (SDPA has no score transform)
+        R, T = p["R"], p["T"]
+        mask = bool_mask(p["batch"], window)
+        qd, kd, vd = (x.view(R, T, -1, head_dim).transpose(1, 2) for x in (p["q"], p["k"], p["v"]))
+        kd, vd = (x.repeat_interleave(heads // kv_heads, dim=1) for x in (kd, vd))
+        if softcap is None:
+            out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask)
+        else:
+            scores = (qd.float() @ kd.float().transpose(-1, -2)) * head_dim ** -0.5
+            scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~mask, float("-inf"))
+            out = (scores.softmax(-1) @ vd.float()).to(dtype)
+        return out.transpose(1, 2).reshape(R * T, heads, head_dim)
+
+    def variant(window, softcap):
+        def row():
+            p = problem()
+            q, k, v, plan, upstream = p["q"], p["k"], p["v"], p["plan"], p["upstream"]
+            if softcap is not None and p["path"] != "flash_attn":
+                return {"status": "not run", "ok": None, "path": p["path"],
+                        "note": "softcap needs flash-attn's flash_attn_varlen_func (not installed)"}
+            results = {}
+            for name, fn in (("dense", lambda: dense(p, window, softcap)),
+                             ("packed", lambda: segment_varlen(q, k, v, plan, window=window, softcap=softcap))):
+                for x in (q, k, v):
+                    x.grad = None
+                fn().backward(upstream)
+                results[name] = [fn().detach().float()] + [x.grad.float() for x in (q, k, v)]
+                results[name + "_ms"] = time_ms(lambda: fn().backward(upstream), cfg)
+            errors = [float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+                      for a, b in zip(results["packed"], results["dense"])]
+            ok = max(errors) < (1e-5 if smoke else 2e-2)
+            work = attention_work(plan, window)
+            times = {} if results["dense_ms"] is None else {
+                "dense_ms": results["dense_ms"]["ms"], "packed_ms": results["packed_ms"]["ms"],
+                "speedup": results["dense_ms"]["ms"] / results["packed_ms"]["ms"]}
+            return {"status": "ok" if ok else "failed", "ok": ok, "path": p["path"], "rows x T": f"{p['R']} x {p['T']}",
+                    "rel_err out/dq/dk/dv": "/".join(f"{e:.1e}" for e in errors), **times,
+                    "entries dense / segments": work["dense_mask"] / work["segments"]}
+        return row
+
+    window = 8 if smoke else 256
+    return [("plain", variant(None, None)), (f"sliding window {window}", variant(window, None)),
+            ("softcap 30", variant(None, 30.0))]
+
+
 # Timing sections first, then correctness. (name, fn(cfg) -> [(row name, row fn)]); a row fn returns a dict.
 SECTIONS = [
     ("environment", environment),
@@ -837,6 +915,7 @@ SECTIONS = [
     ("large_index", large_index),
     ("nan_logits", nan_logits),
     ("determinism", determinism),
+    ("packed_attention", packed_attention),  # issue 16: packed-batch attention against the dense mask
     ("cuda_graph", cuda_graph),  # last: a failed capture may leave the process's CUDA state unusable
 ]
 NOT_WARMED = ("environment", "compile_warmup", "cuda_graph")

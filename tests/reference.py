@@ -57,3 +57,31 @@ def random_labels(R, T, V, *, prompt_len=2, ignore_frac=0.2, seed=0):
     labels[:, :prompt_len] = -100
     labels[torch.rand(R, T, generator=g) < ignore_frac] = -100
     return labels
+
+
+def varlen_attention_f64(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale=None,
+                         window=(-1, 0), softcap=None, dropout=0.0):
+    """flash-attn's flash_attn_varlen_func(..., causal=True) written out segment by segment: q [Nq, Hq, D],
+    k / v [Nk, Hkv, D] (Hq a multiple of Hkv), causal aligned to the bottom right, window (left, right) in
+    tokens (-1: none), scores softcap * tanh(s / softcap). Computes in the inputs' dtype (float64 for a
+    reference); returns [Nq, Hq, D]."""
+    assert dropout == 0.0 and window[1] in (0, -1)
+    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    assert cu_q[0] == cu_k[0] == 0 and cu_q[-1] == q.shape[0] and cu_k[-1] == k.shape[0] and len(cu_q) == len(cu_k)
+    assert max(b - a for a, b in zip(cu_q, cu_q[1:])) == max_seqlen_q
+    assert max(b - a for a, b in zip(cu_k, cu_k[1:])) == max_seqlen_k
+    rep = q.shape[1] // k.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = []
+    for (q0, q1), (k0, k1) in zip(zip(cu_q, cu_q[1:]), zip(cu_k, cu_k[1:])):
+        qs = q[q0:q1].transpose(0, 1)  # [H, lq, D]
+        ks = k[k0:k1].repeat_interleave(rep, dim=1).transpose(0, 1)
+        vs = v[k0:k1].repeat_interleave(rep, dim=1).transpose(0, 1)
+        s = qs @ ks.transpose(-1, -2) * scale
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        i = torch.arange(q1 - q0)[:, None] + (k1 - k0) - (q1 - q0)  # bottom-right: query i is key i + lk - lq
+        j = torch.arange(k1 - k0)[None, :]
+        allowed = (j <= i) & ((j >= i - window[0]) if window[0] >= 0 else True)
+        out.append((s.masked_fill(~allowed, float("-inf")).softmax(-1) @ vs).transpose(0, 1))
+    return torch.cat(out)

@@ -239,6 +239,10 @@ def test_e2e_quick_layouts():
         assert lay["pairs_per_s"] > 0 and math.isfinite(lay["loss"])
     # the shared layout feeds fewer tokens than 2B padded rows (the prompt once per pair)
     assert r["layouts"]["shared"]["computed_tokens"] < r["layouts"]["padded"]["computed_tokens"]
+    # attention work counted per layout; packed rows pay their segments, not a dense [T, T] mask
+    shared = r["layouts"]["shared"]
+    assert 0 < shared["attention_gflop"] <= shared["attention_gflop_dense_mask"]
+    assert r["layouts"]["padded"]["attention_gflop"] > 0
     # the optimizer runs with lr 0: same weights, so every layout computes the same loss
     assert r["layouts"]["shared"]["loss"] == pytest.approx(r["layouts"]["padded"]["loss"], rel=1e-4)
 

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import gpu_check  # noqa: E402
 
 SECTIONS = ["environment", "compile_warmup", "ceilings", "anchor", "head_modes", "head_step", "kernels", "host_syncs",
-            "correctness", "large_index", "nan_logits", "determinism", "cuda_graph"]
+            "correctness", "large_index", "nan_logits", "determinism", "packed_attention", "cuda_graph"]
 
 
 def test_gpu_check_smoke_writes_every_section_and_passes(tmp_path):
@@ -47,6 +47,7 @@ def test_gpu_check_smoke_writes_every_section_and_passes(tmp_path):
     assert all(row["ok"] for name in ("large_index", "nan_logits", "determinism") for row in sections[name])
     assert sum(1 for line in (tmp_path / "rows.jsonl").read_text().splitlines()
                if json.loads(line)["event"] == "start") == sum(len(rows) for rows in sections.values())
+    assert [row["ok"] for row in sections["packed_attention"]] == [True, True, None]  # CPU: no softcap kernel
     markdown = (tmp_path / "gpu_check.md").read_text()
     assert "These are not GPU numbers" in markdown and all(f"## {name}" in markdown for name in SECTIONS)
 

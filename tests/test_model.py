@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastdpo
-from fastdpo.attention import bool_mask, eager_mask
+from fastdpo.attention import bool_mask, eager_mask, segment_plan
 from fastdpo.model import attention_inputs, forward_hidden, logit_transforms, model_loss, model_sequence_logps
 from fastdpo.packing import pack_pairs
 from reference import sequence_logps_f64
@@ -418,24 +418,25 @@ def test_errors():
 
 
 def test_attention_inputs_per_implementation():
+    """eager: the dense additive mask (the reference); sdpa / flash / flex: the batch's segment plan and a
+    stride-0 placeholder mask, for either layout (main refused the shared layout under flash)."""
     P, C, R = random_pairs(2, seed=10)
     shared = pack_pairs(P, C, R, max_tokens=48, shared_prompt=True)
     sep = pack_pairs(P, C, R, max_tokens=48, shared_prompt=False)
     sdpa, eager = tiny_llama("sdpa"), tiny_llama("eager")
-    m = attention_inputs(sdpa, shared)["attention_mask"]
-    assert m.dtype == torch.bool and torch.equal(m, bool_mask(shared))
     e = attention_inputs(eager, shared)["attention_mask"]
     assert e.dtype == torch.float32 and torch.equal(e == 0, bool_mask(shared))
-    fake = copy.copy(sdpa)
-    fake.config = copy.deepcopy(sdpa.config)
-    fake.config.__dict__["_attn_implementation_internal"] = "flash_attention_2"
-    assert fake.config._attn_implementation == "flash_attention_2"
-    kw = attention_inputs(fake, sep)
-    assert kw["attention_mask"] is None and torch.equal(kw["cu_seq_lens_q"], sep.cu_seqlens)
-    assert kw["max_length_q"] == sep.max_seqlen
-    with pytest.raises(ValueError, match="shared-prompt"):
-        attention_inputs(fake, shared)
-    fake.config.__dict__["_attn_implementation_internal"] = "paged|sdpa"
+    for impl in ("sdpa", "flash_attention_2", "flex_attention"):
+        fake = copy.copy(sdpa)
+        fake.config = copy.deepcopy(sdpa.config)
+        fake.config._attn_implementation = impl
+        for batch in (shared, sep):
+            kw = attention_inputs(fake, batch)
+            assert kw["fastdpo_segments"] is segment_plan(batch)
+            rows, T = batch.input_ids.shape
+            assert kw["attention_mask"].shape == (rows, 1, T, T)
+            assert kw["attention_mask"].stride() == (0, 0, 0, 0)  # no [T, T] mask in memory
+    fake.config._attn_implementation = "paged|sdpa"
     with pytest.raises(ValueError, match="not supported for packed batches"):
         attention_inputs(fake, sep)
 

@@ -9,10 +9,9 @@ from fastdpo.attention import (
     bool_mask,
     eager_mask,
     flash_attn_varlen_kwargs,
-    flex_attention_available,
-    flex_block_mask,
     make_mask_mod,
 )
+from fastdpo.model import model_sequence_logps
 from fastdpo.packing import (
     PackedBatch,
     PackingWarning,
@@ -223,58 +222,32 @@ def test_mask_mod_matches_bool_mask(shared):
     assert torch.equal(_block_mask_explicit(b), _block_mask_explicit(b).tril())  # never attends to the future
 
 
-@pytest.mark.skipif(not flex_attention_available(), reason="flex_attention not importable")
-def test_flex_block_mask_cpu():
-    P, C, R = random_pairs(4, seed=8)
-    b = pack_pairs(P, C, R, max_tokens=40, shared_prompt=True)
-    bm = flex_block_mask(b, block_size=8)
-    Rn, T = b.input_ids.shape
-    assert tuple(bm.shape) == (Rn, 1, T, T)
-    # a block is skipped only if the boolean mask is all False there
-    dense_blocks = bm.to_dense()[:, 0].bool()
-    nb = -(-T // 8)
-    pad = torch.zeros(Rn, nb * 8, nb * 8, dtype=torch.bool)
-    pad[:, :T, :T] = _block_mask_explicit(b)[:, 0]
-    any_block = pad.view(Rn, nb, 8, nb, 8).any(4).any(2)
-    assert torch.equal(dense_blocks, any_block)
-
-
 def test_flex_attention_model_matches_sdpa(models):
+    """flex_attention runs the packed batch over the plan's gathered keys (forward: no flex backward on CPU)."""
     P, C, R = random_pairs(4, seed=9)
     b = pack_pairs(P, C, R, max_tokens=40, shared_prompt=True)
     flex = tiny_llama("flex_attention")
     with torch.no_grad():
-        got = flex(input_ids=b.input_ids, position_ids=b.position_ids, attention_mask=flex_block_mask(b)).logits
-    torch.testing.assert_close(packed_logps(got, b), packed_logps(run_packed(models["sdpa"], b, "sdpa"), b),
+        got = model_sequence_logps(flex, b).logps
+    torch.testing.assert_close(got.double(), packed_logps(run_packed(models["sdpa"], b, "sdpa"), b),
                                rtol=1e-5, atol=0)
 
 
 def test_flash_varlen_kwargs_match_transformers_position_id_derivation():
+    """Separate layout without padding: the plan's varlen arguments are transformers' own (from position ids)
+    and nothing is gathered; the shared layout gathers the prompt context once more per rejected response."""
     from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
     P, C, R = random_pairs(6, seed=10)
-    b = pack_pairs(P, C, R, max_tokens=40, shared_prompt=False, pad_to_multiple_of=8)
+    b = pack_pairs(P, C, R, max_tokens=10_000, shared_prompt=False)
+    assert b.report.padding_tokens == 0
     kw = flash_attn_varlen_kwargs(b)
     (cu_q, cu_k), (mq, mk) = prepare_fa_kwargs_from_position_ids(b.position_ids.reshape(1, -1))
     assert torch.equal(kw["cu_seqlens_q"], cu_q) and torch.equal(kw["cu_seqlens_k"], cu_k)
-    assert kw["max_seqlen_q"] == int(mq) == b.max_seqlen
-    hf = flash_attn_varlen_kwargs(b, hf_names=True)
-    assert set(hf) == {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
-    # segments of cu_seqlens are exactly the causal blocks of the mask
-    flat = torch.block_diag(*[torch.ones(n, n).tril().bool() for n in b.cu_seqlens.diff().tolist()])
-    T = b.input_ids.shape[1]
-    for r in range(b.input_ids.shape[0]):
-        assert torch.equal(flat[r * T:(r + 1) * T, r * T:(r + 1) * T], _block_mask_explicit(b)[r, 0] | _pad_tril(b, r))
-    with pytest.raises(ValueError, match="shared-prompt"):
-        flash_attn_varlen_kwargs(pack_pairs(P, C, R, max_tokens=40, shared_prompt=True))
-
-
-def _pad_tril(b, r):
-    """Padding runs are one causal segment for flash-attn but self-only in the boolean mask (both exact:
-    padding outputs are never scored)."""
-    T = b.input_ids.shape[1]
-    pad = b.segment_ids[r] < 0
-    return pad[:, None] & pad[None, :] & torch.ones(T, T, dtype=torch.bool).tril()
+    assert kw["max_seqlen_q"] == int(mq) == b.max_seqlen and kw["kv_index"] is None
+    s = flash_attn_varlen_kwargs(pack_pairs(P, C, R, max_tokens=10_000, shared_prompt=True))
+    n_context = sum(len(p) - 1 for p in P)
+    assert s["kv_index"].numel() == s["cu_seqlens_k"][-1] == s["cu_seqlens_q"][-1] + n_context
 
 
 # ------------------------------------------------------------------------------------------------ bin packing

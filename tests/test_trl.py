@@ -240,7 +240,7 @@ def test_collator_packs_trl_rows():
     assert lab[sid == 2].tolist() == [10] and lab[sid == 3].tolist() == [15, 16]
     assert out["ref_chosen_logps"].tolist() == [-1.5, -3.0] and out["ref_rejected_logps"].dtype == torch.float64
     assert int(out["padded_tokens"]) == 2 * 2 * 4  # TRL pads 4 sequences to max_length
-    assert batch.report.row_length <= max(3 + 1 + 1 + 1, 1 + 3 + 1 + 2)  # rows no longer than the longest pair
+    assert batch.report.num_rows == 1 and batch.report.padding_tokens == 0  # default budget: one row, no padding
     with pytest.raises(ValueError, match="fills max_length"):
         DataCollatorForPackedPreference(max_length=3)(rows)
     old_names = [{"prompt_input_ids": r["prompt_ids"], "chosen_input_ids": r["chosen_ids"],
