@@ -64,15 +64,16 @@ def head_plan(*, head_mode, budget, num_rows, vocab_size, dtype):
     return False, max(1, budget // row_bytes)
 
 
-def check_head_options(head_mode, head_memory_budget, fp32_precision):
-    """ValueError naming the option unless head_mode is a HEAD_MODES entry, head_memory_budget None or a positive
-    int (bytes), fp32_precision "ieee" or "tf32"."""
+def check_head_options(head_mode, head_memory_budget, fp32_precision, owner=""):
+    """ValueError naming the option (prefixed by `owner`, e.g. "DPOConfig.") unless head_mode is a HEAD_MODES
+    entry, head_memory_budget None or a positive int (bytes), fp32_precision "ieee" or "tf32"."""
     if head_mode not in HEAD_MODES:
-        raise ValueError(f"head_mode must be one of {HEAD_MODES}, got {head_mode!r}")
+        raise ValueError(f"{owner}head_mode must be one of {HEAD_MODES}, got {head_mode!r}")
     if head_memory_budget is not None and (isinstance(head_memory_budget, bool)
                                            or not isinstance(head_memory_budget, numbers.Integral)
                                            or head_memory_budget <= 0):
-        raise ValueError(f"head_memory_budget must be None or a positive int (bytes), got {head_memory_budget!r}")
+        raise ValueError(f"{owner}head_memory_budget must be None or a positive int (bytes), "
+                         f"got {head_memory_budget!r}")
     check_fp32_precision(fp32_precision)
 
 

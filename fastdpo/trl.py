@@ -45,6 +45,7 @@ from trl.trainer import dpo_trainer as trl_dpo_trainer
 from trl.trainer.utils import use_adapter
 
 import fastdpo
+from .head import check_head_options
 from .losses import check_loss_config
 from .model import HeadInputs, forward_hidden, model_sequence_logps, unwrap_causal_lm
 from .packing import BRANCH_CONTEXT, BRANCH_REJECTED, PackedBatch, pack_pairs, pair_length, pair_parts
@@ -81,6 +82,14 @@ class DPOConfig(trl.DPOConfig):
     simpo_gamma: float = field(
         default=0.5,
         metadata={"help": "Target reward margin of loss_type 'simpo' (as TRL's CPOConfig.simpo_gamma)."})
+    head_mode: str = field(
+        default="auto",
+        metadata={"help": "fastdpo.loss's LM-head mode: 'auto' (stored within head_memory_budget, else recompute), "
+                          "'stored' (6VD, keeps U), 'recompute' (8VD), 'fused' (logits never stored; the token "
+                          "metrics then take one extra no-grad pass)."})
+    head_memory_budget: int | None = field(
+        default=None,
+        metadata={"help": "Bytes the 'auto' / 'stored' head may keep; None: fastdpo's fixed default."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -88,6 +97,7 @@ class DPOConfig(trl.DPOConfig):
         check_bool("DPOConfig.token_metrics", self.token_metrics)
         check_int("DPOConfig.max_tokens_per_row", self.max_tokens_per_row, minimum=4, optional=True)
         check_real("DPOConfig.simpo_gamma", self.simpo_gamma)
+        check_head_options(self.head_mode, self.head_memory_budget, "ieee", owner="DPOConfig.")
         check_trl_fields(self)
 
 
@@ -544,8 +554,10 @@ class DPOTrainer(trl.DPOTrainer):
                 "include_for_metrics=['inputs']: fastdpo's batches are packed, there is no padded input_ids to hand "
                 "compute_metrics; drop 'inputs' (predictions are per pair, see fastdpo.trl.PREDICTION_COLUMNS)")
         fastdpo_args = {f: getattr(args, f, default) for f, default in
-                        (("shared_prompt", True), ("max_tokens_per_row", None), ("token_metrics", True))}
+                        (("shared_prompt", True), ("max_tokens_per_row", None), ("token_metrics", True),
+                         ("head_mode", "auto"), ("head_memory_budget", None))}
         self._token_metrics = fastdpo_args["token_metrics"]
+        self._head_options = {name: fastdpo_args[name] for name in ("head_mode", "head_memory_budget")}
         packer = DataCollatorForPackedPreference(
             shared_prompt=fastdpo_args["shared_prompt"], max_length=args.max_length,
             max_tokens_per_row=fastdpo_args["max_tokens_per_row"], pad_to_multiple_of=args.pad_to_multiple_of,
@@ -682,7 +694,8 @@ class DPOTrainer(trl.DPOTrainer):
         with self._router_aux_loss.recording() if self._router_aux_loss else contextlib.nullcontext([]) as routed:
             head = forward_hidden(model, inputs["packed"])
         batch = inputs["packed"].to(head.weight.device)
-        free_token_metrics = self._token_metrics and not is_vocab_sharded(head.weight)
+        free_token_metrics = (self._token_metrics and not is_vocab_sharded(head.weight)
+                              and self._head_options["head_mode"] != "fused")
         weights = self._token_weights(batch)
         reference = {}
         if ref_logps is not None:  # kept in float64 for a float64 model, else float32 (as TRL's batch holds them)
@@ -692,7 +705,8 @@ class DPOTrainer(trl.DPOTrainer):
             out = fastdpo.loss(hidden=head.hidden, weight=head.weight, bias=head.bias, logit_scale=head.logit_scale,
                                softcap=head.softcap, labels=batch.labels, seq_ids=batch.seq_ids,
                                ignore_index=batch.ignore_index, num_sequences=batch.num_sequences,
-                               token_weights=weights, token_metrics=free_token_metrics, **reference,
+                               token_weights=weights, token_metrics=free_token_metrics, **self._head_options,
+                               **reference,
                                **self._loss_groups[0])
             losses = out.losses
             for group in self._loss_groups[1:]:

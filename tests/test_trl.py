@@ -137,6 +137,12 @@ def test_same_as_trl_packed_shared_prompt(tmp_path, options):
     assert_same_training(tmp_path, **options)
 
 
+@pytest.mark.parametrize("head_mode", ["fused", "recompute"])
+def test_same_as_trl_in_every_head_mode(tmp_path, head_mode):
+    # fused: the token metrics come from one extra no-grad pass over the head instead of the row pass
+    assert_same_training(tmp_path, fastdpo_options=dict(head_mode=head_mode), loss_type=["sigmoid"])
+
+
 def test_same_as_trl_separate_prompts_precomputed_reference(tmp_path):
     assert_same_training(tmp_path, fastdpo_options=dict(shared_prompt=False), loss_type=["sigmoid"],
                          precompute_ref_log_probs=True, pad_to_multiple_of=8, include_num_input_tokens_seen="all")
@@ -339,6 +345,10 @@ def test_config_validates_fastdpo_fields_in_its_own_words(tmp_path):
     with pytest.raises(ValueError, match="DPOConfig.truncation_mode must be"):
         config(truncation_mode="keep_middle")
     assert config(max_tokens_per_row=4).max_tokens_per_row == 4
+    with pytest.raises(ValueError, match="DPOConfig.head_mode must be one of"):
+        config(head_mode="chunked")
+    with pytest.raises(ValueError, match="DPOConfig.head_memory_budget must be None or a positive int"):
+        config(head_memory_budget=0)
 
 
 # Each TRL 1.16 DPOConfig field (declared by DPOConfig or TRL's base config) with a non-default value, and the
