@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from .packing import BRANCH_CHOSEN, BRANCH_CONTEXT, BRANCH_REJECTED, PackedBatch
 
-__all__ = ["bool_mask", "eager_mask", "make_mask_mod", "flex_attention_available", "SegmentPlan", "segment_plan",
+__all__ = ["bool_mask", "eager_mask", "make_mask_mod", "SegmentPlan", "segment_plan",
            "flash_attn_varlen_kwargs", "packed_attention_forward", "packed_implementation", "mask_placeholder",
            "register_packed_attention", "attention_work", "segment_sdpa", "segment_varlen", "segment_flex",
            "varlen_kernel"]
@@ -130,14 +130,6 @@ def _block_mask_explicit(batch: PackedBatch) -> torch.Tensor:
         idx = torch.arange(t, T)
         m[row, 0, idx, idx] = True  # padding attends to itself only
     return m.to(batch.input_ids.device)
-
-
-def flex_attention_available() -> bool:
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------------------------------

@@ -694,7 +694,9 @@ class DPOTrainer(trl.DPOTrainer):
         with self._router_aux_loss.recording() if self._router_aux_loss else contextlib.nullcontext([]) as routed:
             head = forward_hidden(model, inputs["packed"])
         batch = inputs["packed"].to(head.weight.device)
-        free_token_metrics = (self._token_metrics and not is_vocab_sharded(head.weight)
+        # the row pass gives the token metrics unless a no-grad statistics pass runs anyway (WPO weighting, or
+        # heads whose row pass cannot: vocabulary-sharded, fused)
+        free_token_metrics = (self._token_metrics and not self.use_weighting and not is_vocab_sharded(head.weight)
                               and self._head_options["head_mode"] != "fused")
         weights = self._token_weights(batch)
         reference = {}
