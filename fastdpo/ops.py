@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from . import torch_ops
-from .head import check_head_options, make_head
+from .head import Products, check_head_options, make_head
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -116,13 +116,15 @@ def _head_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
 @_head_forward.register_fake
 def _(hidden, weight, bias, rows, targets, seq_of_rows, num_sequences, backend, head_mode, budget, fp32_precision,
       logit_scale, softcap, temperature, keep, token_stats):
-    M, V = rows.shape[0], weight.shape[0]
+    M = rows.shape[0]
     head = _head((backend, head_mode, budget, fp32_precision, logit_scale, softcap, temperature), weight, M, keep)
     math = torch.float64 if weight.dtype == torch.float64 else torch.float32
     sums = hidden.new_empty(4 if token_stats else 2, num_sequences, dtype=math)
     if not keep:
         return sums, sums.new_empty(0)
-    return sums, hidden.new_empty(M, V) if getattr(head, "store", False) else sums.new_empty(2, M)
+    if getattr(head, "store", False):
+        return sums, Products(weight, head.impl).buffer(M, hidden.dtype)  # U in the real op's layout
+    return sums, sums.new_empty(2, M)
 
 
 @torch.library.custom_op("fastdpo::head_backward", mutates_args=())
@@ -150,10 +152,13 @@ def _head_setup_context(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, bias, rows, targets, seq_of_rows, output[1])
     ctx.config = config
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the saved output (it can be [M, V])
 
 
 def _head_autograd_backward(ctx, grad_sums, _):
     hidden, weight, bias, rows, targets, seq_of_rows, saved = ctx.saved_tensors
+    if grad_sums is None:  # a vector-Jacobian product that does not reach the sums (e.g. gradcheck's)
+        return (None,) * 16
     needs = [bool(flag) for flag in ctx.needs_input_grad[:3]]
     needs[2] = needs[2] and bias is not None
     grad_rows = _rows_gradient(grad_sums[0], seq_of_rows, grad_sums.dtype)

@@ -19,6 +19,7 @@ CHUNK_ELEMENTS = 1 << 22  # fp32 elements of one [rows, V] working tile copied o
 IN_PLACE_CHUNK_ELEMENTS = 1 << 24  # rows worked on in place (the head's own buffers): fewer, larger torch ops;
 #                                    only [rows] vectors and, with softcap or token_stats, tile-sized temporaries
 FP32_PRECISIONS = ("ieee", "tf32")
+VOCAB_MAJOR_LOGITS = True  # the row functions take logits of any strides (fastdpo.head lays them out for speed)
 
 
 def check_fp32_precision(fp32_precision):
@@ -87,37 +88,39 @@ def _shift(row_max):
     return torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
 
 
-def _softmax_stats(z):
-    """z [C, V] final logits -> (shift, log_sum_exp) [C]: the row max (0 for a row of -inf) and
-    log sum_v exp(z_v - shift). lse = shift + log_sum_exp; softmax = exp((z - shift) - log_sum_exp)."""
-    shift = _shift(z.amax(dim=1))
-    return shift, (z - shift[:, None]).exp_().sum(dim=1).log_()
+def _sum_xlogx(e):
+    """sum_v e_v log e_v per row of e [C, V] >= 0 (0 log 0 = 0), in vocabulary blocks of about CHUNK_ELEMENTS
+    (contiguous in either layout of the head's buffers), so the temporary stays bounded."""
+    width = max(1, CHUNK_ELEMENTS // max(1, e.shape[0]))
+    total = torch.zeros(e.shape[0], device=e.device, dtype=e.dtype)
+    for begin in range(0, e.shape[1], width):
+        block = e[:, begin:begin + width]
+        total += torch.xlogy(block, block).sum(dim=1)
+    return total
 
 
-def _token_stats(z, targets, shift, log_sum_exp):
-    """(entropy, top-1 hit) [C] of final logits z [C, V]: -sum_v p_v log p_v = log_sum_exp - sum_v p_v (z_v -
-    shift), and argmax_v z_v == target (the first maximum, as torch.argmax)."""
-    centred = z - shift[:, None]
-    probs = (centred - log_sum_exp[:, None]).exp_()
-    entropy = log_sum_exp - (probs * centred).sum(dim=1)
-    return entropy, z.argmax(dim=1) == targets
-
-
-def _reduce_(z, targets, transform, write_grad):
+def _reduce_(z, targets, transform, write_grad, token_stats):
     """z [C, V] final logits (math dtype; overwritten: exp(z - shift), or U with write_grad), targets [C] in
-    [0, V) -> (row_logp, shift, log_sum_exp, logit_sum) [C], with one exp pass.
+    [0, V) -> [row_logp, shift, log_sum_exp, logit_sum (+ entropy, top-1 hit with token_stats)], each [C], with
+    one exp pass.
 
-    write_grad leaves U = (onehot(targets) - softmax(z)) * dz/dx in z."""
+    write_grad leaves U = (onehot(targets) - softmax(z)) * dz/dx in z. The entropy -sum_v p_v log p_v =
+    log S - (sum_v e_v log e_v) / S with e = exp(z - shift), S = sum_v e_v; the top-1 hit is argmax_v z_v ==
+    target (the first maximum, as torch.argmax)."""
     slope = transform.slope(z) if write_grad else None  # taken before z is overwritten
     logit_sum, target_logit = z.sum(dim=1), z.gather(1, targets[:, None]).squeeze(1)
+    top1 = z.argmax(dim=1) == targets if token_stats else None
     shift = _shift(z.amax(dim=1))
     sum_exp = z.sub_(shift[:, None]).exp_().sum(dim=1)
     log_sum_exp = sum_exp.log()
+    outs = [(target_logit - shift) - log_sum_exp, shift, log_sum_exp, logit_sum]
+    if token_stats:
+        outs += [log_sum_exp - _sum_xlogx(z) / sum_exp, top1.to(z.dtype)]
     if write_grad:
         z.div_(-sum_exp[:, None]).scatter_add_(1, targets[:, None], torch.ones_like(sum_exp[:, None]))
         if slope is not None:
             z.mul_(slope)
-    return (target_logit - shift) - log_sum_exp, shift, log_sum_exp, logit_sum
+    return outs
 
 
 def _dlogp_dx_(z, stats, targets, grad, transform):
@@ -129,14 +132,19 @@ def _dlogp_dx_(z, stats, targets, grad, transform):
     return z if slope is None else z.mul_(slope)
 
 
-def _row_blocks(targets, vocab_size, in_place):
-    """Row blocks of at most CHUNK_ELEMENTS elements (IN_PLACE_CHUNK_ELEMENTS when in_place): slices when every
-    row has a target (views, no copies), else index tensors of the rows with a target."""
-    rows_per_chunk = max(1, (IN_PLACE_CHUNK_ELEMENTS if in_place else CHUNK_ELEMENTS) // vocab_size)
+def _row_blocks(targets, vocab_size, in_place, transform):
+    """Row blocks: slices (views) when every row has a target, else index tensors of the rows with a target
+    (copies, CHUNK_ELEMENTS elements each). Slices worked on in place form one block of every row: every op
+    there works on the buffer itself or makes [rows] vectors and bounded temporaries, and on a vocabulary-major
+    buffer a row subset is a strided view, several times slower; except that softcap's dz/dx is a block-sized
+    temporary (IN_PLACE_CHUNK_ELEMENTS then). Copied slices: CHUNK_ELEMENTS."""
     N = targets.shape[0]
-    if bool((targets >= 0).all()):
-        return [slice(begin, min(begin + rows_per_chunk, N)) for begin in range(0, N, rows_per_chunk)]
-    return torch.nonzero(targets >= 0).squeeze(1).split(rows_per_chunk)
+    if not bool((targets >= 0).all()):
+        return torch.nonzero(targets >= 0).squeeze(1).split(max(1, CHUNK_ELEMENTS // vocab_size))
+    if in_place and transform.softcap is None:
+        return [slice(0, N)]
+    rows_per_chunk = max(1, (IN_PLACE_CHUNK_ELEMENTS if in_place else CHUNK_ELEMENTS) // vocab_size)
+    return [slice(begin, min(begin + rows_per_chunk, N)) for begin in range(0, N, rows_per_chunk)]
 
 
 def _math_rows(logits, rows, dtype, in_place):
@@ -166,21 +174,17 @@ def row_logps_forward(logits, targets, *, logit_scale=1.0, softcap=None, tempera
     dtype, transform = math_dtype(logits), Transform(logit_scale, softcap, temperature)
     grad = logits if grad_out is None else grad_out
     outs = torch.zeros(6 if token_stats else 4, N, device=logits.device, dtype=dtype)
-    top1 = torch.zeros(N, device=logits.device, dtype=torch.bool) if token_stats else None
     in_place = overwrite or (write_grad and grad_out is None)
-    for rows in _row_blocks(targets, V, in_place and logits.dtype == dtype):
+    for rows in _row_blocks(targets, V, in_place and logits.dtype == dtype, transform):
         z, is_view = _math_rows(logits, rows, dtype, in_place)
-        z, row_targets = transform.apply_(z), targets[rows]
-        if token_stats:
-            shift, log_sum_exp = _softmax_stats(z)
-            outs[4, rows], top1[rows] = _token_stats(z, row_targets, shift, log_sum_exp)
-        outs[:4, rows] = torch.stack(_reduce_(z, row_targets, transform, write_grad))
+        z = transform.apply_(z)
+        outs[:, rows] = torch.stack(_reduce_(z, targets[rows], transform, write_grad, token_stats))
         if write_grad and not (is_view and grad is logits):
             grad[rows] = z.to(grad.dtype)
     if write_grad and not bool((targets >= 0).all()):
         grad[targets < 0] = 0
     row_logp, stats, logit_sum = outs[0], outs[1:3], outs[3]
-    return (row_logp, stats, logit_sum, outs[4], top1) if token_stats else (row_logp, stats, logit_sum)
+    return (row_logp, stats, logit_sum, outs[4], outs[5].bool()) if token_stats else (row_logp, stats, logit_sum)
 
 
 def row_logps_backward(logits, targets, stats, grad_rows, *, out=None, logit_scale=1.0, softcap=None,
@@ -195,7 +199,8 @@ def row_logps_backward(logits, targets, stats, grad_rows, *, out=None, logit_sca
     active = (targets >= 0) & (grad_rows != 0)
     grad = torch.empty_like(logits) if out is None else out
     in_place = overwrite or out is logits
-    for rows in _row_blocks(torch.where(active, targets, -1), V, in_place and logits.dtype == dtype):
+    for rows in _row_blocks(torch.where(active, targets, -1), V, in_place and logits.dtype == dtype,
+                            transform):
         z, is_view = _math_rows(logits, rows, dtype, in_place)
         row_grad = _dlogp_dx_(transform.apply_(z), stats[:, rows].to(dtype), targets[rows],
                               grad_rows[rows].to(dtype), transform)
@@ -250,33 +255,46 @@ def _targets_in_tile(targets, begin, end):
 
 
 def linear_logps_forward(hidden, weight, bias, rows, targets, *, logit_scale=1.0, softcap=None,
-                         temperature=1.0, fp32_precision="ieee"):
+                         temperature=1.0, fp32_precision="ieee", token_stats=False):
     """hidden [N, D], weight [V, D], bias [V] | None, rows [M] int64, targets [M] int64 in [0, V)
     -> (row_logp [M], stats [2, M], logit_sum [M]) fp32, for z = softcap(scale * (h W^T + b)) / temperature;
-    stats = (shift, log_sum_exp) as in row_logps_forward.
+    stats = (shift, log_sum_exp) as in row_logps_forward. token_stats=True (the twin only: the Triton kernel has
+    no such output) adds (entropy [M], top1 [M] bool) as row_logps_forward's, accumulated online across the
+    vocabulary tiles: with e = exp(z - shift), sum_v e_v log e_v is rescaled with the sum-exp at each new max.
     """
     head = _Head(weight, bias, Transform(logit_scale, softcap, temperature))
     M = rows.numel()
-    row_logp, logit_sum = (torch.zeros(M, device=hidden.device, dtype=head.dtype) for _ in range(2))
-    stats = torch.zeros(2, M, device=hidden.device, dtype=head.dtype)
+    outs = torch.zeros(6 if token_stats else 4, M, device=hidden.device, dtype=head.dtype)
     with matmul_precision(fp32_precision, hidden.device):
         for part in torch.arange(M, device=hidden.device).split(TILE_ROWS):
             h, tgt = hidden.index_select(0, rows[part]).to(head.dtype), targets[part]
-            row_max = torch.full_like(row_logp[part], float("-inf"))
-            sum_exp, z_sum, z_target = (torch.zeros_like(row_max) for _ in range(3))
+            row_max = torch.full((part.numel(),), float("-inf"), device=hidden.device, dtype=head.dtype)
+            sum_exp, z_sum, z_target, sum_xlogx, best = (torch.zeros_like(row_max) for _ in range(5))
+            best_index = torch.zeros_like(tgt)
             for begin, end in head.vocab_tiles:
                 z = head.logits(h, begin, end)
                 inside, offsets = _targets_in_tile(tgt, begin, end)
                 z_target[inside] = z[offsets, inside]
                 z_sum += z.sum(dim=0)
+                if token_stats:  # the first maximum wins: a later tile must be strictly larger
+                    tile_best, tile_index = z.max(dim=0)
+                    better = (tile_best > best) | (begin == 0)
+                    best, best_index = torch.where(better, tile_best, best), torch.where(better, tile_index + begin,
+                                                                                         best_index)
                 new_max = torch.maximum(row_max, z.amax(dim=0))
-                shift = _shift(new_max)
-                sum_exp = sum_exp * (row_max - shift).exp_() + z.sub_(shift).exp_().sum(dim=0)
+                old_shift, shift = _shift(row_max), _shift(new_max)
+                rescale = (row_max - shift).exp_()
+                z = z.sub_(shift).exp_()
+                if token_stats:
+                    sum_xlogx = rescale * (sum_xlogx + (old_shift - shift) * sum_exp) + torch.xlogy(z, z).sum(dim=0)
+                sum_exp = sum_exp * rescale + z.sum(dim=0)
                 row_max = new_max
             shift, log_sum_exp = _shift(row_max), sum_exp.log()
-            row_logp[part] = (z_target - shift) - log_sum_exp
-            stats[0, part], stats[1, part], logit_sum[part] = shift, log_sum_exp, z_sum
-    return row_logp, stats, logit_sum
+            outs[:4, part] = torch.stack([(z_target - shift) - log_sum_exp, shift, log_sum_exp, z_sum])
+            if token_stats:
+                outs[4:, part] = torch.stack([log_sum_exp - sum_xlogx / sum_exp, (best_index == tgt).to(head.dtype)])
+    row_logp, stats, logit_sum = outs[0], outs[1:3], outs[3]
+    return (row_logp, stats, logit_sum, outs[4], outs[5].bool()) if token_stats else (row_logp, stats, logit_sum)
 
 
 def linear_logps_backward(hidden, weight, bias, rows, targets, stats, grad_rows, *, logit_scale=1.0,

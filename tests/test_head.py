@@ -327,3 +327,33 @@ def test_repeated_steps_with_allocator_churn_are_bitwise_identical(backend, devi
     del churn[::2]
     second = step()
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("transform", sorted(TRANSFORMS))
+def test_cpu_no_grad_head_token_stats_across_vocabulary_tiles(monkeypatch, transform):
+    """Without grad on CPU the head runs the twin's tiled forward: its online entropy and top-1 hit (the first
+    maximum, across tiles) match float64, and its log-probs are the same bits with or without token_stats."""
+    from fastdpo import torch_ops
+
+    monkeypatch.setattr(torch_ops, "TILE_VOCAB", 32)
+    monkeypatch.setattr(torch_ops, "TILE_ROWS", 8)
+    g = torch.Generator().manual_seed(24)
+    N, D, V, S = 19, 24, 203, 3  # integer logits (exact in fp32 in any summation order): exact ties
+    hidden = torch.randint(-1, 2, (N, D), generator=g).float()
+    weight = torch.randint(-1, 2, (V, D), generator=g).float()
+    weight[150] = weight[70] = 1.0  # tiles 2 and 4 hold the same column ...
+    hidden[4] = 1.0  # ... which is row 4's maximum: the first one (70) is its argmax
+    z = torch_ops.Transform(**TRANSFORMS[transform]).apply_(hidden.double() @ weight.double().T)
+    assert z[4].argmax() == 70 and z[4, 150] == z[4, 70]
+    seq_index = torch.arange(N) % S
+    targets = z.argmax(-1)
+    targets[4], targets[7] = 150, (targets[7] + 1) % V  # a tie lost, a miss
+    plain = linear_sequence_logps(hidden, weight, None, targets, seq_index, S, **TRANSFORMS[transform])
+    logps, logit_sums, entropy, hits = linear_sequence_logps(hidden, weight, None, targets, seq_index, S,
+                                                             token_stats=True, **TRANSFORMS[transform])
+    assert torch.equal(plain[0], logps) and torch.equal(plain[1], logit_sums)
+    token_entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+    want_entropy = torch.zeros(S, dtype=torch.float64).index_add_(0, seq_index, token_entropy)
+    want_hits = torch.zeros(S, dtype=torch.float64).index_add_(0, seq_index, (z.argmax(-1) == targets).double())
+    assert rel_err(entropy, want_entropy) <= 1e-5 and torch.equal(hits.double(), want_hits)
+    assert want_hits.sum() == N - 2
