@@ -417,15 +417,15 @@ def _compiled_flex_attention():
 
 def segment_flex(q, k, v, plan: SegmentPlan, *, scale=None, window=None, softcap=None, dropout=0.0) -> torch.Tensor:
     """FlexAttention over the gathered keys with a block mask from the plan (softcap as a score_mod)."""
-    from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import flex_attention as eager_flex_attention
 
     if dropout:
         raise ValueError(f"attention dropout ({dropout}) is not supported by flex_attention")
     if plan.kv_index is not None:
         k, v = k.index_select(0, plan.kv_index), v.index_select(0, plan.kv_index)
     score_mod = None if softcap is None else (lambda s, b, h, q_idx, kv_idx: softcap * torch.tanh(s / softcap))
-    if q.device.type != "cpu":  # uncompiled, flex_attention materialises every score (CPU: forward only)
-        flex_attention = _compiled_flex_attention()
+    # uncompiled, flex_attention materialises every score (CPU: forward only)
+    flex_attention = eager_flex_attention if q.device.type == "cpu" else _compiled_flex_attention()
     out = flex_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                          score_mod=score_mod, block_mask=_flex_block_mask(plan, window, q.device), scale=scale,
                          enable_gqa=q.shape[1] != k.shape[1])

@@ -219,7 +219,7 @@ def _merge(gathered, targets, begins, ends):
 
 def _reduce_over_ranks(partial, group):
     """Sum [M, D] over the ranks in rank order: all_to_all reduce-scatter, then all_gather. Same bits everywhere."""
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    world = dist.get_world_size(group)
     block = -(-partial.shape[0] // world)
     padded = partial.new_zeros(world * block, partial.shape[1])
     padded[:partial.shape[0]] = partial

@@ -22,7 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from dist_worker import BETA, GLOBAL_PAIRS, MICRO_BATCHES, DPOPolicy, make_pairs, pack, tiny_llama
+from dist_worker import GLOBAL_PAIRS, MICRO_BATCHES, DPOPolicy, make_pairs, pack, tiny_llama
 
 STEPS, LR = 2, 0.1
 

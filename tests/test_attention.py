@@ -9,7 +9,7 @@ import torch
 
 import fastdpo.attention as attention
 from fastdpo.attention import attention_work, bool_mask, flash_attn_varlen_kwargs, segment_plan
-from fastdpo.model import forward_hidden, logit_transforms, model_loss
+from fastdpo.model import forward_hidden, model_loss
 from fastdpo.packing import DATASET_SHAPES, PairCollator, pack_pairs
 from reference import varlen_attention_f64
 
@@ -256,7 +256,7 @@ def test_plan_allows_exactly_the_mask_rule(layout, window):
     plan = segment_plan(batch)
     kv = plan.kv_index if plan.kv_index is not None else torch.arange(batch.input_ids.numel())
     first = plan.first_key if window is None else torch.maximum(plan.first_key, plan.last_key - window + 1)
-    RT, T = batch.input_ids.numel(), batch.input_ids.shape[1]
+    RT = batch.input_ids.numel()
     allowed = torch.zeros(RT, RT, dtype=torch.bool)
     for q in range(RT):
         allowed[q, kv[first[q]:plan.last_key[q] + 1]] = True

@@ -1,5 +1,4 @@
 """fastdpo.model.model_loss on tiny random Hugging Face models vs fastdpo.loss on full logits of unpacked runs."""
-import contextlib
 import copy
 import os
 import subprocess
