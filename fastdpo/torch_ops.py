@@ -18,6 +18,7 @@ import torch
 CHUNK_ELEMENTS = 1 << 22  # fp32 elements of one [rows, V] working tile copied out of the logits (16 MiB)
 IN_PLACE_CHUNK_ELEMENTS = 1 << 24  # rows worked on in place (the head's own buffers): fewer, larger torch ops;
 #                                    only [rows] vectors and, with softcap or token_stats, tile-sized temporaries
+STATS_BLOCK_ELEMENTS = 1 << 20  # the entropy's temporaries (4 MiB fp32 blocks: cache-sized)
 FP32_PRECISIONS = ("ieee", "tf32")
 VOCAB_MAJOR_LOGITS = True  # the row functions take logits of any strides (fastdpo.head lays them out for speed)
 
@@ -88,15 +89,41 @@ def _shift(row_max):
     return torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
 
 
-def _sum_xlogx(e):
-    """sum_v e_v log e_v per row of e [C, V] >= 0 (0 log 0 = 0), in vocabulary blocks of about CHUNK_ELEMENTS
-    (contiguous in either layout of the head's buffers), so the temporary stays bounded."""
-    width = max(1, CHUNK_ELEMENTS // max(1, e.shape[0]))
-    total = torch.zeros(e.shape[0], device=e.device, dtype=e.dtype)
-    for begin in range(0, e.shape[1], width):
-        block = e[:, begin:begin + width]
-        total += torch.xlogy(block, block).sum(dim=1)
-    return total
+def _vocab_blocks(rows, vocab_size):
+    """Column slices of a [rows, V] tile of about STATS_BLOCK_ELEMENTS elements each: contiguous in a
+    vocabulary-major buffer, long runs in a row-major one; small temporaries either way."""
+    width = max(1, STATS_BLOCK_ELEMENTS // max(1, rows))
+    return [slice(begin, min(begin + width, vocab_size)) for begin in range(0, vocab_size, width)]
+
+
+def _exp_sums_(c, token_stats):
+    """In place: c [C, V] (z - shift) -> e = exp(c); returns (sum_v e_v, sum_v e_v c_v or None) [C]. The second
+    (the entropy's, with token_stats) is formed block by block from a copy of each block of c (-inf -> -FLT_MAX,
+    so that 0 * c is 0)."""
+    if not token_stats:
+        return c.exp_().sum(dim=1), None
+    sum_exp, sum_ec = (torch.zeros(c.shape[0], device=c.device, dtype=c.dtype) for _ in range(2))
+    for block in _vocab_blocks(*c.shape):
+        centred = c[:, block].clamp(min=torch.finfo(c.dtype).min)
+        e = c[:, block].exp_()
+        sum_exp += e.sum(dim=1)
+        sum_ec += (e * centred).sum(dim=1)
+    return sum_exp, sum_ec
+
+
+def _first_max_hits(z, targets, target_logit, row_max):
+    """argmax_v z_v == target per row of z [C, V] (the first maximum, as torch.argmax), without an argmax pass
+    (a strided reduction on a vocabulary-major buffer): the target must hold the row maximum and, in the rare
+    rows where another entry ties with it (the row's maximum without the target's entry is the same), be the
+    first of them. z is left as it was."""
+    hit = target_logit == row_max
+    column = targets[:, None]
+    others_max = z.scatter_(1, column, float("-inf")).amax(dim=1)
+    z.scatter_(1, column, target_logit[:, None])
+    tied = torch.nonzero(hit & (others_max == row_max)).squeeze(1)
+    if tied.numel():
+        hit[tied] = z[tied].argmax(dim=1) == targets[tied]
+    return hit
 
 
 def _reduce_(z, targets, transform, write_grad, token_stats):
@@ -105,17 +132,17 @@ def _reduce_(z, targets, transform, write_grad, token_stats):
     one exp pass.
 
     write_grad leaves U = (onehot(targets) - softmax(z)) * dz/dx in z. The entropy -sum_v p_v log p_v =
-    log S - (sum_v e_v log e_v) / S with e = exp(z - shift), S = sum_v e_v; the top-1 hit is argmax_v z_v ==
-    target (the first maximum, as torch.argmax)."""
+    log S - (sum_v e_v c_v) / S with c = z - shift, e = exp(c), S = sum_v e_v."""
     slope = transform.slope(z) if write_grad else None  # taken before z is overwritten
     logit_sum, target_logit = z.sum(dim=1), z.gather(1, targets[:, None]).squeeze(1)
-    top1 = z.argmax(dim=1) == targets if token_stats else None
-    shift = _shift(z.amax(dim=1))
-    sum_exp = z.sub_(shift[:, None]).exp_().sum(dim=1)
+    row_max = z.amax(dim=1)
+    top1 = _first_max_hits(z, targets, target_logit, row_max) if token_stats else None
+    shift = _shift(row_max)
+    sum_exp, sum_ec = _exp_sums_(z.sub_(shift[:, None]), token_stats)
     log_sum_exp = sum_exp.log()
     outs = [(target_logit - shift) - log_sum_exp, shift, log_sum_exp, logit_sum]
     if token_stats:
-        outs += [log_sum_exp - _sum_xlogx(z) / sum_exp, top1.to(z.dtype)]
+        outs += [log_sum_exp - sum_ec / sum_exp, top1.to(z.dtype)]
     if write_grad:
         z.div_(-sum_exp[:, None]).scatter_add_(1, targets[:, None], torch.ones_like(sum_exp[:, None]))
         if slope is not None:
@@ -260,7 +287,7 @@ def linear_logps_forward(hidden, weight, bias, rows, targets, *, logit_scale=1.0
     -> (row_logp [M], stats [2, M], logit_sum [M]) fp32, for z = softcap(scale * (h W^T + b)) / temperature;
     stats = (shift, log_sum_exp) as in row_logps_forward. token_stats=True (the twin only: the Triton kernel has
     no such output) adds (entropy [M], top1 [M] bool) as row_logps_forward's, accumulated online across the
-    vocabulary tiles: with e = exp(z - shift), sum_v e_v log e_v is rescaled with the sum-exp at each new max.
+    vocabulary tiles: sum_v e_v c_v (c = z - shift, e = exp(c)) is rescaled with the sum-exp at each new max.
     """
     head = _Head(weight, bias, Transform(logit_scale, softcap, temperature))
     M = rows.numel()
@@ -269,7 +296,7 @@ def linear_logps_forward(hidden, weight, bias, rows, targets, *, logit_scale=1.0
         for part in torch.arange(M, device=hidden.device).split(TILE_ROWS):
             h, tgt = hidden.index_select(0, rows[part]).to(head.dtype), targets[part]
             row_max = torch.full((part.numel(),), float("-inf"), device=hidden.device, dtype=head.dtype)
-            sum_exp, z_sum, z_target, sum_xlogx, best = (torch.zeros_like(row_max) for _ in range(5))
+            sum_exp, z_sum, z_target, sum_ec, best = (torch.zeros_like(row_max) for _ in range(5))
             best_index = torch.zeros_like(tgt)
             for begin, end in head.vocab_tiles:
                 z = head.logits(h, begin, end)
@@ -284,15 +311,15 @@ def linear_logps_forward(hidden, weight, bias, rows, targets, *, logit_scale=1.0
                 new_max = torch.maximum(row_max, z.amax(dim=0))
                 old_shift, shift = _shift(row_max), _shift(new_max)
                 rescale = (row_max - shift).exp_()
-                z = z.sub_(shift).exp_()
+                tile_sum_exp, tile_sum_ec = _exp_sums_(z.sub_(shift).t(), token_stats)
                 if token_stats:
-                    sum_xlogx = rescale * (sum_xlogx + (old_shift - shift) * sum_exp) + torch.xlogy(z, z).sum(dim=0)
-                sum_exp = sum_exp * rescale + z.sum(dim=0)
+                    sum_ec = rescale * (sum_ec + (old_shift - shift) * sum_exp) + tile_sum_ec
+                sum_exp = sum_exp * rescale + tile_sum_exp
                 row_max = new_max
             shift, log_sum_exp = _shift(row_max), sum_exp.log()
             outs[:4, part] = torch.stack([(z_target - shift) - log_sum_exp, shift, log_sum_exp, z_sum])
             if token_stats:
-                outs[4:, part] = torch.stack([log_sum_exp - sum_xlogx / sum_exp, (best_index == tgt).to(head.dtype)])
+                outs[4:, part] = torch.stack([log_sum_exp - sum_ec / sum_exp, (best_index == tgt).to(head.dtype)])
     row_logp, stats, logit_sum = outs[0], outs[1:3], outs[3]
     return (row_logp, stats, logit_sum, outs[4], outs[5].bool()) if token_stats else (row_logp, stats, logit_sum)
 
