@@ -78,7 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--impls", default=None, help="comma-separated implementations (default: "
                    + ",".join(DEFAULT_IMPLS) + "); all: " + ", ".join(all_impls()))
     p.add_argument("--datasets", default=None, help="comma-separated e2e data sets " + str(DATASETS))
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; --quick 2)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: 3 for the heads, "
+                   "the end-to-end preset's 2 (+1 warm-up); --quick 2)")
     p.add_argument("--skip-heads", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--no-charts", action="store_true")
@@ -335,8 +336,9 @@ def run_e2e(args, server, progress, results):
     e2e = {"preset": PRESETS[preset], "datasets": {}}
     results["e2e"] = e2e
     for ds in e2e_datasets(args):
+        rounds = {} if args.rounds is None else {"rounds": args.rounds}  # else the preset's
         r = server.run({"kind": "e2e", "dataset": ds, "preset": preset, "device": args.device,
-                        "threads": args.threads, **timing_opts(args, e2e=True)})
+                        "threads": args.threads, **rounds, **timing_opts(args, e2e=True)})
         e2e["datasets"][ds] = r
         if r.get("status") == "ok":
             msg = ", ".join(f"{lay} {v['pairs_per_s']:.3g} pairs/s" if v.get("status") == "ok" else f"{lay} {v['status']}"
