@@ -16,7 +16,7 @@ Four head modes (FLOPs per scored token, V = vocabulary, D = hidden size):
 Without grad (the reference model) every mode but "fused" runs the forward GEMM per chunk only: 2VD, nothing
 kept, chunks within the budget; on CPU with the PyTorch twin, the twin's tiled forward (the same 2VD with the
 logits in L2-sized tiles: no [C, V] buffer to write, read back and fault in; 1.2-1.4x faster at 512-1024 rows
-and V = 128256).
+and V = 128256) unless the budget is smaller than one tile.
 
 Precision: the row functions always see logits in the math dtype (fp32; fp64 for fp64 inputs): for 16-bit
 inputs the logits GEMM accumulates in fp32 and writes fp32 (CUDA: torch.mm(..., out_dtype=torch.float32);
@@ -160,16 +160,15 @@ class Products:
     def logits(self, h, weight, out):
         """h [C, D] @ weight.T -> out [C, V] (a `buffer` in the math dtype): one GEMM, except for 16-bit inputs
         on CPU, whose weight is upcast one slab of CPU_VOCAB_SLAB rows at a time (a bounded fp32 copy)."""
-        if self.native and not self.vocab_major or self.out_dtype:
+        if not self.vocab_major and (self.native or self.out_dtype):
             return self.mm(h, weight.t(), out=out)
         slab = weight.shape[0] if self.native else CPU_VOCAB_SLAB
-        if not self.vocab_major:
-            for begin in range(0, weight.shape[0], slab):
-                self.mm(h, weight[begin:begin + slab].t(), out=out[:, begin:begin + slab])
-            return out
         for begin in range(0, weight.shape[0], slab):
             end = min(begin + slab, weight.shape[0])
-            self.mm(weight[begin:end], h.t(), out=out[:, begin:end].t())
+            if self.vocab_major:
+                self.mm(weight[begin:end], h.t(), out=out[:, begin:end].t())
+            else:
+                self.mm(h, weight[begin:end].t(), out=out[:, begin:end])
         return out
 
     def add_mm_(self, total, a, b):
@@ -202,7 +201,8 @@ class GemmHead:
         (entropy [M], top1 [M] bool) with token_stats, else None)."""
         M, V = rows.numel(), weight.shape[0]
         products, store = Products(weight, self.impl), self.store and keep
-        if products.vocab_major and not keep:  # see the module docstring (no grad on CPU)
+        if products.vocab_major and not keep and self.reference_rows >= min(M, self.impl.TILE_ROWS):
+            # no grad on CPU (module docstring); a tile has at most TILE_ROWS rows: within the budget
             row_logp, _, logit_sum, *metrics = self.impl.linear_logps_forward(
                 hidden, weight, bias, rows, targets, fp32_precision=self.fp32_precision, token_stats=token_stats,
                 **self.transforms)

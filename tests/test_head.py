@@ -357,3 +357,21 @@ def test_cpu_no_grad_head_token_stats_across_vocabulary_tiles(monkeypatch, trans
     want_hits = torch.zeros(S, dtype=torch.float64).index_add_(0, seq_index, (z.argmax(-1) == targets).double())
     assert rel_err(entropy, want_entropy) <= 1e-5 and torch.equal(hits.double(), want_hits)
     assert want_hits.sum() == N - 2
+
+
+def test_cpu_no_grad_head_keeps_within_a_budget_smaller_than_a_tile(monkeypatch):
+    """The twin's tiled forward serves a no-grad CPU call only when one tile (up to TILE_ROWS rows) fits the
+    budget; a smaller budget runs the GEMM chunks it allows, with the same values."""
+    from fastdpo import torch_ops
+
+    (hidden, weight), targets, seq_index, S = _problem(N=40, V=97, with_bias=False, seed=25)
+    calls = []
+    tiled = torch_ops.linear_logps_forward
+    monkeypatch.setattr(torch_ops, "linear_logps_forward", lambda *a, **k: calls.append(1) or tiled(*a, **k))
+    with torch.no_grad():
+        wide = linear_sequence_logps(hidden, weight, None, targets, seq_index, S, head_mode="recompute")
+        assert calls == [1]
+        narrow = linear_sequence_logps(hidden, weight, None, targets, seq_index, S, head_mode="recompute",
+                                       head_memory_budget=8 * 97 * 4)  # 8 rows of logits: less than the 30 rows
+        assert calls == [1]
+    assert rel_err(narrow[0], wide[0]) <= 1e-6
