@@ -97,17 +97,17 @@ def _vocab_blocks(rows, vocab_size):
 
 
 def _exp_sums_(c, token_stats):
-    """In place: c [C, V] (z - shift) -> e = exp(c); returns (sum_v e_v, sum_v e_v c_v or None) [C]. The second
-    (the entropy's, with token_stats) is formed block by block from a copy of each block of c (-inf -> -FLT_MAX,
-    so that 0 * c is 0)."""
-    if not token_stats:
-        return c.exp_().sum(dim=1), None
-    sum_exp, sum_ec = (torch.zeros(c.shape[0], device=c.device, dtype=c.dtype) for _ in range(2))
-    for block in _vocab_blocks(*c.shape):
-        centred = c[:, block].clamp(min=torch.finfo(c.dtype).min)
+    """In place: c [C, V] (z - shift) -> e = exp(c); returns (sum_v e_v, sum_v e_v c_v or None) [C], summed block
+    by block (_vocab_blocks). The second (the entropy's, with token_stats) is formed from a copy of each block
+    of c (-inf -> the lowest finite value, so that 0 * c is 0)."""
+    sum_exp = torch.zeros(c.shape[0], device=c.device, dtype=c.dtype)
+    sum_ec = torch.zeros_like(sum_exp) if token_stats else None
+    for block in _vocab_blocks(*c.shape):  # the same blocks and order with or without token_stats: same bits
+        centred = c[:, block].clamp(min=torch.finfo(c.dtype).min) if token_stats else None
         e = c[:, block].exp_()
         sum_exp += e.sum(dim=1)
-        sum_ec += (e * centred).sum(dim=1)
+        if token_stats:
+            sum_ec += (e * centred).sum(dim=1)
     return sum_exp, sum_ec
 
 
@@ -115,14 +115,15 @@ def _first_max_hits(z, targets, target_logit, row_max):
     """argmax_v z_v == target per row of z [C, V] (the first maximum, as torch.argmax), without an argmax pass
     (a strided reduction on a vocabulary-major buffer): the target must hold the row maximum and, in the rare
     rows where another entry ties with it (the row's maximum without the target's entry is the same), be the
-    first of them. z is left as it was."""
+    first of them; rows with a NaN (torch.argmax picks the first NaN) take the argmax too, CHUNK_ELEMENTS at a
+    time. z is left as it was."""
     hit = target_logit == row_max
     column = targets[:, None]
     others_max = z.scatter_(1, column, float("-inf")).amax(dim=1)
     z.scatter_(1, column, target_logit[:, None])
-    tied = torch.nonzero(hit & (others_max == row_max)).squeeze(1)
-    if tied.numel():
-        hit[tied] = z[tied].argmax(dim=1) == targets[tied]
+    exact = torch.nonzero((hit & (others_max == row_max)) | row_max.isnan()).squeeze(1)
+    for rows in exact.split(max(1, CHUNK_ELEMENTS // z.shape[1])):
+        hit[rows] = z[rows].argmax(dim=1) == targets[rows]
     return hit
 
 
@@ -174,6 +175,12 @@ def _row_blocks(targets, vocab_size, in_place, transform):
     return [slice(begin, min(begin + rows_per_chunk, N)) for begin in range(0, N, rows_per_chunk)]
 
 
+def _write_rows(out, rows, values):
+    """out[rows] = values: a slice converts the dtype in the copy itself (no block-sized temporary); index rows
+    (blocks of CHUNK_ELEMENTS) need the dtype first."""
+    out[rows] = values if isinstance(rows, slice) else values.to(out.dtype)
+
+
 def _math_rows(logits, rows, dtype, in_place):
     """(the rows of logits as a math-dtype tile, whether it is a view): a view when in_place allows it (a slice
     of math-dtype logits), else a copy."""
@@ -207,7 +214,7 @@ def row_logps_forward(logits, targets, *, logit_scale=1.0, softcap=None, tempera
         z = transform.apply_(z)
         outs[:, rows] = torch.stack(_reduce_(z, targets[rows], transform, write_grad, token_stats))
         if write_grad and not (is_view and grad is logits):
-            grad[rows] = z.to(grad.dtype)
+            _write_rows(grad, rows, z)
     if write_grad and not bool((targets >= 0).all()):
         grad[targets < 0] = 0
     row_logp, stats, logit_sum = outs[0], outs[1:3], outs[3]
@@ -232,7 +239,7 @@ def row_logps_backward(logits, targets, stats, grad_rows, *, out=None, logit_sca
         row_grad = _dlogp_dx_(transform.apply_(z), stats[:, rows].to(dtype), targets[rows],
                               grad_rows[rows].to(dtype), transform)
         if not (is_view and grad is logits):
-            grad[rows] = row_grad.to(grad.dtype)
+            _write_rows(grad, rows, row_grad)
     if not bool(active.all()):
         grad[~active] = 0
     return grad
@@ -247,7 +254,7 @@ def segment_sum(values, seq_index, num_sequences):
     discard = num_sequences  # tokens without a sequence go to one extra slot, dropped: no data-dependent shapes
     out = torch.zeros(values.shape[0], num_sequences + 1, device=values.device, dtype=torch.float64)
     out.index_add_(1, torch.where(seq_index >= 0, seq_index, discard), values.double())
-    return out[:, :num_sequences].to(values.dtype)
+    return out[:, :num_sequences].to(values.dtype).contiguous()
 
 
 # ----------------------------------------------------------------------------- fused LM head
@@ -263,15 +270,17 @@ class _Head:
 
     def __init__(self, weight, bias, transform):
         self.dtype = math_dtype(weight)
-        self.weight = weight.to(self.dtype)
-        self.bias = None if bias is None else bias.to(self.dtype)
-        self.transform = transform
+        self.weight, self.bias, self.transform = weight, bias, transform
         self.vocab_tiles = [(v, min(v + TILE_VOCAB, weight.shape[0])) for v in range(0, weight.shape[0], TILE_VOCAB)]
+
+    def weight_tile(self, begin, end):
+        """weight[begin:end] in the math dtype (16-bit weights are upcast one tile at a time, never whole)."""
+        return self.weight[begin:end].to(self.dtype)
 
     def logits(self, h, begin, end):
         """h [C, D] in the math dtype -> transposed logits tile [end - begin, C] (fresh, free to overwrite)."""
-        w, ht = self.weight[begin:end], h.t()
-        x = w @ ht if self.bias is None else torch.addmm(self.bias[begin:end, None], w, ht)
+        w, ht = self.weight_tile(begin, end), h.t()
+        x = w @ ht if self.bias is None else torch.addmm(self.bias[begin:end, None].to(self.dtype), w, ht)
         return self.transform.apply_(x)
 
 
@@ -303,9 +312,9 @@ def linear_logps_forward(hidden, weight, bias, rows, targets, *, logit_scale=1.0
                 inside, offsets = _targets_in_tile(tgt, begin, end)
                 z_target[inside] = z[offsets, inside]
                 z_sum += z.sum(dim=0)
-                if token_stats:  # the first maximum wins: a later tile must be strictly larger
+                if token_stats:  # the first maximum (or the first NaN, as torch.argmax) wins: a later tile must be larger
                     tile_best, tile_index = z.max(dim=0)
-                    better = (tile_best > best) | (begin == 0)
+                    better = (tile_best > best) | (tile_best.isnan() & ~best.isnan()) | (begin == 0)
                     best, best_index = torch.where(better, tile_best, best), torch.where(better, tile_index + begin,
                                                                                          best_index)
                 new_max = torch.maximum(row_max, z.amax(dim=0))
@@ -334,8 +343,8 @@ def linear_logps_backward(hidden, weight, bias, rows, targets, stats, grad_rows,
     """
     head = _Head(weight, bias, Transform(logit_scale, softcap, temperature))
     grad_hidden = torch.zeros_like(hidden) if needs_hidden_grad else None
-    grad_weight = torch.zeros_like(head.weight) if needs_weight_grad else None
-    grad_bias = torch.zeros_like(head.bias) if needs_bias_grad and bias is not None else None
+    grad_weight = torch.zeros_like(weight, dtype=head.dtype) if needs_weight_grad else None
+    grad_bias = torch.zeros_like(bias, dtype=head.dtype) if needs_bias_grad and bias is not None else None
     with matmul_precision(fp32_precision, hidden.device):
         for part in torch.nonzero(grad_rows != 0).squeeze(1).split(TILE_ROWS):
             h, tgt = hidden.index_select(0, rows[part]).to(head.dtype), targets[part]
@@ -350,7 +359,7 @@ def linear_logps_backward(hidden, weight, bias, rows, targets, stats, grad_rows,
                 if slope is not None:
                     grad_z.mul_(slope)
                 if grad_hidden is not None:
-                    grad_h.addmm_(grad_z.t(), head.weight[begin:end])
+                    grad_h.addmm_(grad_z.t(), head.weight_tile(begin, end))
                 if grad_weight is not None:
                     grad_weight[begin:end].addmm_(grad_z, h)
                 if grad_bias is not None:

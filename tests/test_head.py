@@ -375,3 +375,71 @@ def test_cpu_no_grad_head_keeps_within_a_budget_smaller_than_a_tile(monkeypatch)
                                        head_memory_budget=8 * 97 * 4)  # 8 rows of logits: less than the 30 rows
         assert calls == [1]
     assert rel_err(narrow[0], wide[0]) <= 1e-6
+
+
+def test_twin_token_stats_keep_the_bits_and_follow_argmax_on_nan(monkeypatch):
+    """The twin's row pass sums exp in the same vocabulary blocks with or without token_stats (same bits over
+    several blocks), and its top-1 hit is torch.argmax's, NaN rows included (argmax picks the first NaN), on
+    both CPU paths: the row functions (grad) and the tiled forward (no grad, several vocabulary tiles)."""
+    from fastdpo import torch_ops
+
+    monkeypatch.setattr(torch_ops, "STATS_BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(torch_ops, "TILE_VOCAB", 32)
+    g = torch.Generator().manual_seed(26)
+    logits = torch.randn(6, 203, generator=g) * 3
+    targets = torch.randint(0, 203, (6,), generator=g)
+    plain = torch_ops.row_logps_forward(logits.clone(), targets, overwrite=True)
+    *with_stats, entropy, top1 = torch_ops.row_logps_forward(logits.clone(), targets, overwrite=True, token_stats=True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, with_stats))
+    logits[1, 150], targets[1] = float("nan"), 150  # argmax: the NaN, a hit
+    logits[2, 40] = float("nan")  # a NaN in an earlier tile than the target's maximum: a miss
+    targets[2] = int(logits[2].nan_to_num(-1e9).argmax())
+    want = logits.argmax(dim=1) == targets
+    assert bool(want[1]) and not bool(want[2])
+    assert torch.equal(torch_ops.row_logps_forward(logits.clone(), targets, overwrite=True, token_stats=True)[4], want)
+    hidden, rows, weight = torch.eye(6), torch.arange(6), logits.t().contiguous()
+    nan_logits = hidden @ weight.t()  # 0 * NaN: columns 40 and 150 are NaN in every row, argmax 40 (tile 1)
+    targets[2] = 40
+    want = nan_logits.argmax(dim=1) == targets
+    assert bool(want[2]) and not bool(want[1])
+    tiled = torch_ops.linear_logps_forward(hidden, weight, None, rows, targets, token_stats=True)
+    assert torch.equal(tiled[4], want)
+
+
+def _copies_2d(run):
+    """Shapes of the 2-D dtype-converting copies (aten._to_copy) that run() makes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shapes = []
+
+    class Copies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and out.dim() == 2:
+                shapes.append(tuple(out.shape))
+            return out
+
+    with Copies():
+        run()
+    return shapes
+
+
+def test_16_bit_cpu_head_copies_no_whole_weight_or_logits_block():
+    """bf16 on CPU: the twin's tiled forward upcasts the weight one tile at a time (a whole [V, D] fp32 copy is
+    2.1 GB at V = 128256, D = 4096), and the GEMM head's row pass writes U / dX into the bf16 buffer without a
+    converted [rows, V] temporary."""
+    from fastdpo import torch_ops
+
+    (hidden, weight, bias), targets, seq_index, S = _problem(N=20, V=5000, dtype=torch.bfloat16, seed=27)
+    rows = torch.nonzero(seq_index >= 0).squeeze(1)
+    tiled = _copies_2d(lambda: torch_ops.linear_logps_forward(hidden, weight, bias, rows, targets[rows]))
+    assert tiled and max(shape[0] for shape in tiled) <= torch_ops.TILE_VOCAB
+    for mode in ("stored", "recompute"):  # the head object itself: a dispatch mode does not see inside custom ops
+        head = fastdpo.head.make_head(torch_ops, head_mode=mode, head_memory_budget=None, weight=weight,
+                                      num_rows=len(rows), transforms={}, fp32_precision="ieee", needs_grad=True)
+
+        def step():
+            saved = head.forward(hidden, weight, bias, rows, targets[rows], keep=True)[2]
+            head.backward(hidden, weight, bias, rows, targets[rows], saved, torch.ones(len(rows)), (True,) * 3)
+
+        assert not [shape for shape in _copies_2d(step) if shape == (len(rows), 5000)], mode
