@@ -16,9 +16,9 @@ import contextlib
 import torch
 
 CHUNK_ELEMENTS = 1 << 22  # fp32 elements of one [rows, V] working tile copied out of the logits (16 MiB)
-IN_PLACE_CHUNK_ELEMENTS = 1 << 24  # rows worked on in place (the head's own buffers): fewer, larger torch ops;
-#                                    only [rows] vectors and, with softcap or token_stats, tile-sized temporaries
-STATS_BLOCK_ELEMENTS = 1 << 20  # the entropy's temporaries (4 MiB fp32 blocks: cache-sized)
+IN_PLACE_CHUNK_ELEMENTS = 1 << 24  # rows worked on in place with softcap, whose dz/dx is a block-sized temporary
+#                                    (without softcap the in-place pass is one block: see _row_blocks)
+STATS_BLOCK_ELEMENTS = 1 << 20  # vocabulary blocks of the exp sums and the entropy's temporaries (4 MiB fp32)
 FP32_PRECISIONS = ("ieee", "tf32")
 VOCAB_MAJOR_LOGITS = True  # the row functions take logits of any strides (fastdpo.head lays them out for speed)
 
