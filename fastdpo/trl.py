@@ -6,7 +6,8 @@ Same arguments, datasets (conversational or not, tokenized by TRL), callbacks, c
 metrics (``total_flos`` and ``num_input_tokens_seen`` count TRL's padded batch, as TRL logs them). What
 changes is how a batch is scored:
 
-* the pairs of a batch are packed without padding, one copy of the prompt per pair (``shared_prompt``), by
+* the pairs of a batch are packed without padding, one copy of the prompt per pair (``shared_prompt``; with
+  ``group_prompts`` one copy for all the pairs of a batch that share it), by
   :class:`DataCollatorForPackedPreference` (a custom ``data_collator`` yielding TRL's padded keys is
   unpadded and packed the same way);
 * the model is called through its outermost ``__call__`` (DDP, FSDP2, accelerate's autocast, torch.compile,
@@ -48,7 +49,7 @@ import fastdpo
 from .head import check_head_options
 from .losses import check_loss_config
 from .model import HeadInputs, forward_hidden, model_sequence_logps, unwrap_causal_lm
-from .packing import BRANCH_CONTEXT, BRANCH_REJECTED, PackedBatch, pack_pairs, pair_length, pair_parts
+from .packing import BRANCH_CONTEXT, PackedBatch, pack_pairs, pair_length, pair_parts
 from .parallel import is_vocab_sharded
 from .validate import check_bool, check_int, check_real, require
 
@@ -69,6 +70,11 @@ class DPOConfig(trl.DPOConfig):
         default=True,
         metadata={"help": "Pack each pair as [prompt][chosen][last prompt token][rejected] (one copy of the prompt). "
                           "False: [prompt][chosen] and [prompt][rejected] side by side. Both are padding-free."})
+    group_prompts: bool = field(
+        default=False,
+        metadata={"help": "With shared_prompt: pairs of a batch with an identical prompt share one copy of it, "
+                          "[prompt][chosen 1][rejected 1][chosen 2]... (several pairs per prompt, e.g. on-policy "
+                          "samples); exact log-probs, fewer tokens."})
     max_tokens_per_row: int | None = field(
         default=None,
         metadata={"help": "Token budget of a packed row. None: one row per batch, no padding at all (attention "
@@ -94,6 +100,9 @@ class DPOConfig(trl.DPOConfig):
     def __post_init__(self):
         super().__post_init__()
         check_bool("DPOConfig.shared_prompt", self.shared_prompt)
+        check_bool("DPOConfig.group_prompts", self.group_prompts)
+        require(self.shared_prompt or not self.group_prompts,
+                "DPOConfig.group_prompts=True needs shared_prompt=True (one prompt copy for the pairs that share it)")
         check_bool("DPOConfig.token_metrics", self.token_metrics)
         check_int("DPOConfig.max_tokens_per_row", self.max_tokens_per_row, minimum=4, optional=True)
         check_real("DPOConfig.simpo_gamma", self.simpo_gamma)
@@ -200,6 +209,7 @@ class DataCollatorForPackedPreference:
     """
 
     shared_prompt: bool = True
+    group_prompts: bool = False
     max_length: int | None = None
     max_tokens_per_row: int | None = None
     pad_to_multiple_of: int | None = None
@@ -208,6 +218,8 @@ class DataCollatorForPackedPreference:
 
     def __post_init__(self):
         check_bool("shared_prompt", self.shared_prompt)
+        check_bool("group_prompts", self.group_prompts)
+        require(self.shared_prompt or not self.group_prompts, "group_prompts=True needs shared_prompt=True")
         check_int("max_length", self.max_length, minimum=2, optional=True)
         check_int("max_tokens_per_row", self.max_tokens_per_row, minimum=4, optional=True)
         check_int("pad_to_multiple_of", self.pad_to_multiple_of, minimum=1, optional=True)
@@ -280,7 +292,8 @@ class DataCollatorForPackedPreference:
                 f"chosen {len(entries[k][1])}, rejected {len(entries[k][2])}); raise DPOConfig.max_tokens_per_row, "
                 f"set it to None (one row per batch) or lower DPOConfig.max_length")
         batch = pack_pairs(*zip(*entries), max_tokens=budget, shared_prompt=self.shared_prompt,
-                           pad_token_id=self.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of)
+                           group_prompts=self.group_prompts, pad_token_id=self.pad_token_id,
+                           pad_to_multiple_of=self.pad_to_multiple_of)
         E, B = len(entries), len(sequences)
         new_ids = torch.tensor([owners[k] if live[k][0] else -1 for k in range(E)]
                                + [B + owners[k] if live[k][1] else -1 for k in range(E)])
@@ -316,21 +329,24 @@ def _renumbered(batch: PackedBatch, new_ids: torch.Tensor, num_pairs: int) -> Pa
 
 def _sequence_counts(batch: PackedBatch, live: torch.Tensor) -> torch.Tensor:
     """[R, T] fp32: how many live sequences (live [2E], by the batch's own numbering) contain each token, i.e.
-    how often TRL's padded batch holds it: a shared-prompt context token belongs to both sequences of its
-    entry, a chosen-branch token to the chosen one, a rejected-branch token to the rejected one; padding 0."""
+    how often TRL's padded batch holds it: in the shared layout a context token belongs to every sequence of its
+    block (the pair's two, or every pair's with group_prompts), a branch token (last prompt token + response) to
+    the sequence that branch scores; in the separate layout a token belongs to its own sequence; padding 0."""
     segments, seq = batch.segment_ids.reshape(-1), batch.seq_ids.reshape(-1)
-    labelled = seq >= 0
-    owner = torch.zeros(int(segments.max()) + 1, dtype=torch.long)
-    owner[segments[labelled]] = seq[labelled]  # the sequence (separate layout) or one of the entry's (shared)
-    seq_of_token = owner[segments.clamp(min=0)]
+    labelled, block = seq >= 0, segments.clamp(min=0)
     if batch.shared_prompt:
-        entries = batch.num_sequences // 2
-        chosen, rejected = live[seq_of_token % entries], live[entries + seq_of_token % entries]
-        branch = batch.branch_ids.reshape(-1)
-        counts = torch.where(branch == BRANCH_CONTEXT, chosen + rejected,
-                             torch.where(branch == BRANCH_REJECTED, rejected, chosen))
+        branch = batch.branch_ids.reshape(-1).clamp(min=0)
+        width = int(branch.max()) + 1
+        key = block * width + branch  # (block, branch): every branch holds at least one scored token
+        seq_of_key = torch.full(((int(segments.max()) + 1) * width,), -1, dtype=torch.long)
+        seq_of_key[key[labelled]] = seq[labelled]
+        live_of_key = torch.where(seq_of_key >= 0, live[seq_of_key.clamp(min=0)], 0.0)
+        block_live = live_of_key.view(-1, width).sum(dim=1)  # the context branch holds no scored token: 0
+        counts = torch.where(branch == BRANCH_CONTEXT, block_live[block], live_of_key[key])
     else:
-        counts = live[seq_of_token]
+        owner = torch.zeros(int(segments.max()) + 1, dtype=torch.long)
+        owner[segments[labelled]] = seq[labelled]  # one sequence per block
+        counts = live[owner[block]]
     return torch.where(segments >= 0, counts, 0.0).reshape(batch.seq_ids.shape)
 
 
@@ -554,12 +570,14 @@ class DPOTrainer(trl.DPOTrainer):
                 "include_for_metrics=['inputs']: fastdpo's batches are packed, there is no padded input_ids to hand "
                 "compute_metrics; drop 'inputs' (predictions are per pair, see fastdpo.trl.PREDICTION_COLUMNS)")
         fastdpo_args = {f: getattr(args, f, default) for f, default in
-                        (("shared_prompt", True), ("max_tokens_per_row", None), ("token_metrics", True),
+                        (("shared_prompt", True), ("group_prompts", False), ("max_tokens_per_row", None),
+                         ("token_metrics", True),
                          ("head_mode", "auto"), ("head_memory_budget", None))}
         self._token_metrics = fastdpo_args["token_metrics"]
         self._head_options = {name: fastdpo_args[name] for name in ("head_mode", "head_memory_budget")}
         packer = DataCollatorForPackedPreference(
-            shared_prompt=fastdpo_args["shared_prompt"], max_length=args.max_length,
+            shared_prompt=fastdpo_args["shared_prompt"], group_prompts=fastdpo_args["group_prompts"],
+            max_length=args.max_length,
             max_tokens_per_row=fastdpo_args["max_tokens_per_row"], pad_to_multiple_of=args.pad_to_multiple_of,
             truncation_mode=args.truncation_mode)
         if data_collator is None:

@@ -78,7 +78,7 @@ class Logs(TrainerCallback):
 
 
 def train(trainer_cls, config_cls, tmp_path, steps=3, peft=False, with_ref=True, models=tiny_models,
-          data_collator=None, **options):
+          data_collator=None, dataset=preference_dataset, **options):
     policy, ref = models()
     ref = ref if with_ref else None
     peft_config = None
@@ -92,7 +92,7 @@ def train(trainer_cls, config_cls, tmp_path, steps=3, peft=False, with_ref=True,
                       report_to="none", save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
                       dataloader_num_workers=0, **options)
     logs = Logs()
-    trainer = trainer_cls(model=policy, ref_model=ref, args=args, train_dataset=preference_dataset(),
+    trainer = trainer_cls(model=policy, ref_model=ref, args=args, train_dataset=dataset(),
                           processing_class=tokenizer(), callbacks=[logs], peft_config=peft_config,
                           data_collator=data_collator)
     trainer.train()
@@ -171,6 +171,42 @@ def test_same_as_trl_mixture_of_experts_router_aux_loss(tmp_path):
     fastdpo computes it on the packed batch (the prompt counted twice, as TRL's batch holds it)."""
     assert_same_training(tmp_path, models=tiny_mixtral, loss_type=["sigmoid"], router_aux_loss_coef=0.5,
                          max_length=9)
+
+
+def two_prompt_dataset():
+    """preference_dataset's 8 pairs over its first 2 prompts: every batch of 4 holds pairs that share a prompt."""
+    rows = preference_dataset()
+    prompts = rows["prompt"][:2]
+    return rows.map(lambda row, i: {"prompt": prompts[i % 2]}, with_indices=True)
+
+
+@pytest.mark.parametrize("models", [tiny_models, tiny_mixtral], ids=["llama", "mixtral-router-aux-loss"])
+def test_same_as_trl_grouped_prompts(tmp_path, models):
+    """group_prompts=True: pairs with one prompt share one copy of it; same training as TRL's (the Mixtral router
+    loss checks the token counts: a shared prompt token stands for every sequence that holds it)."""
+    options = dict(router_aux_loss_coef=0.5) if models is tiny_mixtral else {}
+    assert_same_training(tmp_path, fastdpo_options=dict(group_prompts=True), models=models, loss_type=["sigmoid"],
+                         dataset=two_prompt_dataset, **options)
+
+
+def test_collator_groups_prompts(tmp_path):
+    """The packed batch holds each shared prompt once; token counts still add up to TRL's attended tokens."""
+    rows = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [10]},
+            {"prompt_ids": [11], "chosen_ids": [12, 13], "rejected_ids": [14]},
+            {"prompt_ids": [5, 6, 7], "chosen_ids": [15], "rejected_ids": [16, 17]}]
+    plain, grouped = (DataCollatorForPackedPreference(group_prompts=group)(rows) for group in (False, True))
+    assert grouped["packed"].input_ids.numel() == plain["packed"].input_ids.numel() - 2  # prompt[:-1] once
+    for out in (plain, grouped):
+        assert int(out["token_counts"].sum()) == int(out["num_tokens"]) == (3 + 2) + (3 + 1) + (1 + 2) + (1 + 1) + (
+            3 + 1) + (3 + 2)  # TRL's attended tokens: prompt + completion per sequence
+    batch = grouped["packed"]
+    context = batch.branch_ids == 0
+    assert grouped["token_counts"][context].tolist() == [4.0, 4.0]  # [5 6] stands for the 4 sequences of 2 pairs
+    with pytest.raises(ValueError, match="group_prompts=True needs shared_prompt=True"):
+        DataCollatorForPackedPreference(shared_prompt=False, group_prompts=True)
+    assert construct(tmp_path, group_prompts=True).data_collator.group_prompts  # DPOConfig reaches the collator
+    with pytest.raises(ValueError, match="DPOConfig.group_prompts=True needs shared_prompt=True"):
+        fastdpo.trl.DPOConfig(output_dir="unused", use_cpu=True, bf16=False, shared_prompt=False, group_prompts=True)
 
 
 def test_sft_alone_needs_no_reference(tmp_path):
@@ -342,6 +378,8 @@ def test_config_validates_fastdpo_fields_in_its_own_words(tmp_path):
             config(max_tokens_per_row=value)
     with pytest.raises(TypeError, match="DPOConfig.shared_prompt must be a bool"):
         config(shared_prompt="no")
+    with pytest.raises(TypeError, match="DPOConfig.group_prompts must be a bool"):
+        config(group_prompts=1)
     with pytest.raises(ValueError, match="DPOConfig.truncation_mode must be"):
         config(truncation_mode="keep_middle")
     assert config(max_tokens_per_row=4).max_tokens_per_row == 4
