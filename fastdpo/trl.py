@@ -74,7 +74,7 @@ class DPOConfig(trl.DPOConfig):
         default=False,
         metadata={"help": "With shared_prompt: pairs of a batch with an identical prompt share one copy of it, "
                           "[prompt][chosen 1][rejected 1][chosen 2]... (several pairs per prompt, e.g. on-policy "
-                          "samples); exact log-probs, fewer tokens."})
+                          "samples); exact log-probs, fewer tokens. Needs max_tokens_per_row=None."})
     max_tokens_per_row: int | None = field(
         default=None,
         metadata={"help": "Token budget of a packed row. None: one row per batch, no padding at all (attention "
@@ -103,6 +103,10 @@ class DPOConfig(trl.DPOConfig):
         check_bool("DPOConfig.group_prompts", self.group_prompts)
         require(self.shared_prompt or not self.group_prompts,
                 "DPOConfig.group_prompts=True needs shared_prompt=True (one prompt copy for the pairs that share it)")
+        require(self.max_tokens_per_row is None or not self.group_prompts,
+                f"DPOConfig.group_prompts=True needs max_tokens_per_row=None (one row per batch), got "
+                f"{self.max_tokens_per_row}: a group's length depends on which pairs a batch draws, so a budget could "
+                f"only be checked batch by batch, mid-training")
         check_bool("DPOConfig.token_metrics", self.token_metrics)
         check_int("DPOConfig.max_tokens_per_row", self.max_tokens_per_row, minimum=4, optional=True)
         check_real("DPOConfig.simpo_gamma", self.simpo_gamma)
@@ -220,6 +224,8 @@ class DataCollatorForPackedPreference:
         check_bool("shared_prompt", self.shared_prompt)
         check_bool("group_prompts", self.group_prompts)
         require(self.shared_prompt or not self.group_prompts, "group_prompts=True needs shared_prompt=True")
+        require(self.max_tokens_per_row is None or not self.group_prompts,
+                "group_prompts=True needs max_tokens_per_row=None (one row per batch)")
         check_int("max_length", self.max_length, minimum=2, optional=True)
         check_int("max_tokens_per_row", self.max_tokens_per_row, minimum=4, optional=True)
         check_int("pad_to_multiple_of", self.pad_to_multiple_of, minimum=1, optional=True)

@@ -207,6 +207,10 @@ def test_collator_groups_prompts(tmp_path):
     assert construct(tmp_path, group_prompts=True).data_collator.group_prompts  # DPOConfig reaches the collator
     with pytest.raises(ValueError, match="DPOConfig.group_prompts=True needs shared_prompt=True"):
         fastdpo.trl.DPOConfig(output_dir="unused", use_cpu=True, bf16=False, shared_prompt=False, group_prompts=True)
+    with pytest.raises(ValueError, match="group_prompts=True needs max_tokens_per_row=None"):
+        DataCollatorForPackedPreference(group_prompts=True, max_tokens_per_row=64)
+    with pytest.raises(ValueError, match=r"DPOConfig.group_prompts=True needs max_tokens_per_row=None .* got 64"):
+        fastdpo.trl.DPOConfig(output_dir="unused", use_cpu=True, bf16=False, group_prompts=True, max_tokens_per_row=64)
 
 
 def test_sft_alone_needs_no_reference(tmp_path):
