@@ -335,24 +335,19 @@ def _renumbered(batch: PackedBatch, new_ids: torch.Tensor, num_pairs: int) -> Pa
 
 def _sequence_counts(batch: PackedBatch, live: torch.Tensor) -> torch.Tensor:
     """[R, T] fp32: how many live sequences (live [2E], by the batch's own numbering) contain each token, i.e.
-    how often TRL's padded batch holds it: in the shared layout a context token belongs to every sequence of its
-    block (the pair's two, or every pair's with group_prompts), a branch token (last prompt token + response) to
-    the sequence that branch scores; in the separate layout a token belongs to its own sequence; padding 0."""
+    how often TRL's padded batch holds it. A token of a branch (a whole sequence in the separate layout; last
+    prompt token + response in the shared one) belongs to the sequence that branch scores; a shared context token
+    to every sequence of its block (the pair's two, or every pair's with group_prompts); padding 0."""
     segments, seq = batch.segment_ids.reshape(-1), batch.seq_ids.reshape(-1)
     labelled, block = seq >= 0, segments.clamp(min=0)
-    if batch.shared_prompt:
-        branch = batch.branch_ids.reshape(-1).clamp(min=0)
-        width = int(branch.max()) + 1
-        key = block * width + branch  # (block, branch): every branch holds at least one scored token
-        seq_of_key = torch.full(((int(segments.max()) + 1) * width,), -1, dtype=torch.long)
-        seq_of_key[key[labelled]] = seq[labelled]
-        live_of_key = torch.where(seq_of_key >= 0, live[seq_of_key.clamp(min=0)], 0.0)
-        block_live = live_of_key.view(-1, width).sum(dim=1)  # the context branch holds no scored token: 0
-        counts = torch.where(branch == BRANCH_CONTEXT, block_live[block], live_of_key[key])
-    else:
-        owner = torch.zeros(int(segments.max()) + 1, dtype=torch.long)
-        owner[segments[labelled]] = seq[labelled]  # one sequence per block
-        counts = live[owner[block]]
+    branch = batch.branch_ids.reshape(-1).clamp(min=0)
+    width = int(branch.max()) + 1
+    key = block * width + branch  # (block, branch): every branch holds at least one scored token
+    seq_of_key = torch.full(((int(segments.max()) + 1) * width,), -1, dtype=torch.long)
+    seq_of_key[key[labelled]] = seq[labelled]
+    live_of_key = torch.where(seq_of_key >= 0, live[seq_of_key.clamp(min=0)], 0.0)
+    block_live = live_of_key.view(-1, width).sum(dim=1)  # the context branch holds no scored token: 0
+    counts = torch.where(branch == BRANCH_CONTEXT, block_live[block], live_of_key[key])
     return torch.where(segments >= 0, counts, 0.0).reshape(batch.seq_ids.shape)
 
 
